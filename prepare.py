@@ -1,0 +1,805 @@
+"""
+The fixed harness of autoresearch-mamba: constants, presets, data, tokenizer, dataloader, evaluation.
+
+Everything every training script stands on lives here, once: the training scripts import it and the agent
+never edits it (program.md). Run it (or the architecture-aware entry point prepare_mlx_mamba_3.py) once:
+
+    uv run prepare_mlx_mamba_3.py                       # download climbmix shards, train the tokenizer
+    uv run prepare_mlx_mamba_3.py --data-dir DIR        # offline: a folder of parquet files + val.parquet
+
+Cache layout (compatible with Karpathy's autoresearch), under ~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR:
+    data/shard_NNNNN.parquet        training shards; shard_06542 is the pinned validation shard
+    tokenizer/tokenizer.pkl         a pickled tiktoken Encoding
+    tokenizer/token_bytes.npy       UTF-8 byte length of every token id (0 for special tokens)
+    eval/val_*.npy                  the packed validation rows evaluate_bpb reads (built once per tokenizer/shape)
+
+Import this module before mlx: on Linux it first loads an optimized BLAS (see _load_fast_blas).
+"""
+
+import ctypes
+import glob
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast BLAS. The Linux mlx-cpu wheel links a reference BLAS (about 3-5 GFLOP/s for fp32 matmul on 2 cores). Loading
+# MKL's runtime from the venv (the `mkl` wheel of the mlx-cpu dependency group) with RTLD_GLOBAL before MLX is imported
+# makes the dynamic linker resolve MLX's cblas_sgemm to MKL: the same sgemm contract, about 100 GFLOP/s here. It is a
+# no-op on macOS (MLX uses Accelerate and Metal there), when MLX is already imported, or with AUTORESEARCH_FAST_BLAS=0.
+
+
+def _load_fast_blas():
+    if sys.platform != "linux" or os.environ.get("AUTORESEARCH_FAST_BLAS", "1") == "0" or "mlx.core" in sys.modules:
+        return None
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return path
+            except OSError:
+                continue
+    return None
+
+
+FAST_BLAS = _load_fast_blas()  # path of the loaded library, or None (then MLX uses its bundled BLAS)
+
+import numpy as np  # noqa: E402  (after the BLAS: numpy must not pull MLX in first)
+import pyarrow.parquet as pq  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixed constants. A preset's `prepare` section may override the first three and NUM_SHARDS (smaller machines, tests).
+
+MAX_SEQ_LEN = 2048  # context length of training rows and evaluation rows
+TIME_BUDGET = 300  # seconds of training per experiment (start-up, compilation and evaluation not counted)
+EVAL_TOKENS = 40 * 524288  # target tokens scored by evaluate_bpb
+NUM_SHARDS = 10  # training shards prepare downloads by default
+VOCAB_SIZE = 8192  # BPE vocabulary, special tokens included
+SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
+BOS_TOKEN = SPECIAL_TOKENS[0]  # prepended to every document
+
+# GPT-4 style pre-tokenization, except that digits group in runs of at most 2 (small vocabulary).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+TOKENIZER_TRAIN_CHARS = 1_000_000_000  # about 1B characters of training documents, or all there are
+TOKENIZER_DOC_CHARS = 10_000  # documents are capped at this many characters for tokenizer training
+
+DATASET_REPO = "karpathy/climbmix-400b-shuffle"  # Hugging Face dataset with shard_00000 ... shard_06542
+MAX_SHARD = 6542
+VAL_SHARD = MAX_SHARD  # pinned validation shard, never trained on
+SHARD_NAME = "shard_{:05d}.parquet"
+
+CACHE_DIR = os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR", "~/.cache/autoresearch"))
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+EVAL_DIR = os.path.join(CACHE_DIR, "eval")
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PREPARE_COMMAND = "uv run prepare_mlx_mamba_3.py"
+
+
+class HarnessError(SystemExit):
+    """A problem the user must fix (missing data, bad preset, corrupt shard): the message says what and how.
+    A SystemExit, so an uncaught one prints just the message and exits with status 1, without a traceback."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets. One JSON file per device class in presets/, one section per script. Chosen by the environment variable
+# AUTORESEARCH_MLX_PRESET_FILE (a path, or a bare name such as `cpu` for presets/cpu.json); without it, by device:
+# `default` (the canonical full-size configuration) on a GPU, `cpu` on a CPU.
+
+PRESET_SECTIONS = ("prepare", "train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")
+PREPARE_KEYS = {"MAX_SEQ_LEN": int, "TIME_BUDGET": (int, float), "EVAL_TOKENS": int, "NUM_SHARDS": int}
+
+
+def _has_gpu():
+    """A GPU that the training scripts can use: Metal or CUDA through MLX, or an NVIDIA device for the torch mirror.
+    Checked without importing torch (slow), and before MLX only via its own cheap availability calls."""
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            return True
+    except Exception:
+        pass
+    return os.path.exists("/dev/nvidiactl")
+
+
+def _resolve_preset_path():
+    requested = os.environ.get("AUTORESEARCH_MLX_PRESET_FILE", "").strip()
+    if not requested:
+        return os.path.join(PRESETS_DIR, "default.json" if _has_gpu() else "cpu.json"), "by device"
+    if os.path.isfile(requested):
+        return requested, "AUTORESEARCH_MLX_PRESET_FILE"
+    named = os.path.join(PRESETS_DIR, requested + ".json")
+    if os.sep not in requested and not requested.endswith(".json") and os.path.isfile(named):
+        return named, "AUTORESEARCH_MLX_PRESET_FILE"
+    known = sorted(os.path.splitext(f)[0] for f in os.listdir(PRESETS_DIR) if f.endswith(".json"))
+    raise HarnessError(
+        f"Preset file not found: AUTORESEARCH_MLX_PRESET_FILE={requested!r}. "
+        f"Give a path to a JSON preset or one of the built-in names: {', '.join(known)}."
+    )
+
+
+def load_preset(path):
+    """Read and validate a preset file; returns {section: {KEY: value}} with every section present."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise HarnessError(f"Cannot read preset file {path}: {e.strerror}. Check the path.") from None
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"Preset file {path} is not valid JSON (line {e.lineno}: {e.msg}). Fix the file.") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"Preset file {path} must hold a JSON object with sections {', '.join(PRESET_SECTIONS)}.")
+    unknown = [k for k in data if k not in PRESET_SECTIONS and k != "description"]
+    if unknown:
+        raise HarnessError(
+            f"Preset file {path}: unknown section {unknown[0]!r}. "
+            f"Valid sections: description, {', '.join(PRESET_SECTIONS)}."
+        )
+    sections = {}
+    for name in PRESET_SECTIONS:
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise HarnessError(f"Preset file {path}: section {name!r} must be a JSON object of KEY: value pairs.")
+        sections[name] = section
+    for key, value in sections["prepare"].items():
+        if key not in PREPARE_KEYS:
+            raise HarnessError(
+                f"Preset file {path}: unknown key {key!r} in section 'prepare'. "
+                f"Valid keys: {', '.join(PREPARE_KEYS)}."
+            )
+        if isinstance(value, bool) or not isinstance(value, PREPARE_KEYS[key]) or value <= 0:
+            raise HarnessError(f"Preset file {path}: prepare.{key} must be a positive number, got {value!r}.")
+    return sections
+
+
+PRESET_FILE, PRESET_ORIGIN = _resolve_preset_path()
+PRESET_NAME = os.path.splitext(os.path.basename(PRESET_FILE))[0]
+PRESET = load_preset(PRESET_FILE)
+globals().update(PRESET["prepare"])  # the preset's overrides of MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, NUM_SHARDS
+if EVAL_TOKENS % MAX_SEQ_LEN:
+    raise HarnessError(
+        f"Preset {PRESET_FILE}: EVAL_TOKENS ({EVAL_TOKENS}) must be a multiple of MAX_SEQ_LEN ({MAX_SEQ_LEN})."
+    )
+
+
+def harness_line():
+    """One line naming the preset and the fixed constants in force; printed at the start of every run."""
+    blas = os.path.basename(FAST_BLAS) if FAST_BLAS else "bundled"
+    return (
+        f"preset: {PRESET_NAME} ({PRESET_FILE}, chosen {PRESET_ORIGIN}) | MAX_SEQ_LEN={MAX_SEQ_LEN} "
+        f"TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS} VOCAB_SIZE={VOCAB_SIZE} | blas: {blas}"
+    )
+
+
+def apply_preset(namespace, section):
+    """Override a training script's UPPERCASE hyperparameter constants with the active preset's section.
+
+    Call it as `apply_preset(globals(), "train_mamba_3_mlx")` right after the constants. A key the script does not
+    define, or a value of another type than the script's default, is an error naming the key. Prints the harness line
+    and every override; returns {KEY: value} of what it set."""
+    if section not in PRESET_SECTIONS:
+        raise HarnessError(f"Unknown preset section {section!r}; valid: {', '.join(PRESET_SECTIONS)}.")
+    overrides = PRESET[section]
+    for key, value in overrides.items():
+        if not key.isupper() or key not in namespace:
+            known = sorted(k for k, v in namespace.items() if k.isupper() and isinstance(v, (int, float, str, bool)))
+            raise HarnessError(
+                f"Preset {PRESET_FILE}: unknown key {key!r} in section {section!r}. "
+                f"Keys this script defines: {', '.join(known)}."
+            )
+        default = namespace[key]
+        same_type = type(value) is type(default) or (type(default) is float and type(value) is int)
+        if not same_type:
+            raise HarnessError(
+                f"Preset {PRESET_FILE}: {section}.{key} must be {type(default).__name__} like the script's default "
+                f"{default!r}, got {value!r}."
+            )
+        namespace[key] = float(value) if type(default) is float else value
+    print(harness_line())
+    if overrides:
+        print(f"preset {PRESET_NAME} sets: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+    return dict(overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: shards from the Hugging Face hub, or an offline folder of parquet files.
+
+
+def shard_path(index):
+    return os.path.join(DATA_DIR, SHARD_NAME.format(index))
+
+
+def check_parquet(path):
+    """Raise HarnessError unless `path` is a readable parquet file with a string `text` column."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:
+        raise HarnessError(f"Corrupt or unreadable parquet file {path} ({e}). Delete it and rerun: {PREPARE_COMMAND}")
+    if "text" not in schema.names:
+        raise HarnessError(f"Parquet file {path} has no 'text' column (columns: {', '.join(schema.names)}).")
+
+
+def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_seconds=2.0):
+    """Download climbmix shards into DATA_DIR with huggingface_hub: parallel, resumable, atomic.
+
+    huggingface_hub writes to a temporary `.incomplete` file and renames it only once the size matches the server's,
+    resuming with a Range request when a connection drops; on top of that we retry failed shards with exponential
+    backoff and check that each finished file is valid parquet. Returns the number of shards fetched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    os.makedirs(DATA_DIR, exist_ok=True)
+    missing = [i for i in indices if not os.path.exists(shard_path(i))]
+
+    def fetch(index):
+        name = SHARD_NAME.format(index)
+        for attempt in range(1, attempts + 1):
+            try:
+                hf_hub_download(
+                    DATASET_REPO, name, repo_type="dataset", local_dir=DATA_DIR, endpoint=endpoint, revision="main"
+                )
+                check_parquet(shard_path(index))
+                return
+            except Exception as e:  # network errors, HTTP 5xx, a corrupt download (HarnessError)
+                if os.path.exists(shard_path(index)):
+                    os.remove(shard_path(index))  # only a verified shard may look complete
+                if attempt == attempts:
+                    raise HarnessError(
+                        f"Download of {name} failed after {attempts} attempts: {e}. Check the network and rerun "
+                        f"{PREPARE_COMMAND} (finished shards are kept), or prepare offline with --data-dir DIR."
+                    ) from None
+                wait = backoff_seconds * 2 ** (attempt - 1)
+                print(f"  {name}: attempt {attempt} failed ({type(e).__name__}: {e}); retrying in {wait:.0f}s")
+                time.sleep(wait)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(fetch, missing))
+    return len(missing)
+
+
+def _copy_atomic(src, dst):
+    tmp = dst + ".tmp"
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            fout.write(chunk)
+    os.replace(tmp, dst)
+
+
+def import_local_corpus(source_dir, num_shards=None):
+    """Prepare DATA_DIR from a local folder: every *.parquet except val.parquet becomes a training shard (in sorted
+    order), val.parquet becomes the pinned validation shard. Files already copied (same size) are skipped.
+    Returns (number of training shards, number of files copied)."""
+    source_dir = os.path.expanduser(source_dir)
+    if not os.path.isdir(source_dir):
+        raise HarnessError(f"--data-dir {source_dir}: no such directory.")
+    val_file = os.path.join(source_dir, "val.parquet")
+    if not os.path.isfile(val_file):
+        raise HarnessError(
+            f"--data-dir {source_dir}: no val.parquet. The folder needs training parquet files and the validation "
+            f"split as val.parquet (each with a 'text' column)."
+        )
+    train_files = sorted(
+        f for f in glob.glob(os.path.join(source_dir, "*.parquet")) if os.path.basename(f) != "val.parquet"
+    )
+    if not train_files:
+        raise HarnessError(f"--data-dir {source_dir}: no training parquet files besides val.parquet.")
+    if num_shards is not None:
+        train_files = train_files[:num_shards]
+    if len(train_files) > VAL_SHARD:
+        raise HarnessError(f"--data-dir {source_dir}: at most {VAL_SHARD} training files are supported.")
+    os.makedirs(DATA_DIR, exist_ok=True)
+    copied = 0
+    for src, index in [(f, i) for i, f in enumerate(train_files)] + [(val_file, VAL_SHARD)]:
+        check_parquet(src)
+        dst = shard_path(index)
+        if os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src):
+            continue
+        _copy_atomic(src, dst)
+        copied += 1
+    return len(train_files), copied
+
+
+def list_shards(split):
+    """Paths of the prepared shards of a split, in order; a HarnessError saying what to run when there are none."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split == "val":
+        paths = [shard_path(VAL_SHARD)] if os.path.exists(shard_path(VAL_SHARD)) else []
+    else:
+        paths = [p for p in sorted(glob.glob(os.path.join(DATA_DIR, "shard_*.parquet"))) if p != shard_path(VAL_SHARD)]
+    if not paths:
+        raise HarnessError(
+            f"No {split} data in {DATA_DIR}. Run `{PREPARE_COMMAND}` first "
+            f"(or `{PREPARE_COMMAND} --data-dir DIR` to prepare offline from a folder of parquet files)."
+        )
+    return paths
+
+
+def iter_texts(split, batch_size=128):
+    """Documents of a split as lists of strings, streamed one parquet row group at a time, forever.
+    Yields (texts, epoch) with epoch starting at 1; the order is fixed, so the stream is deterministic."""
+    paths = list_shards(split)
+    epoch = 1
+    while True:
+        for path in paths:
+            try:
+                parquet = pq.ParquetFile(path)
+                for group in range(parquet.num_row_groups):
+                    texts = parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
+                    for start in range(0, len(texts), batch_size):
+                        yield texts[start : start + batch_size], epoch
+            except HarnessError:
+                raise
+            except Exception as e:
+                raise HarnessError(
+                    f"Corrupt shard {path} ({type(e).__name__}: {e}). Delete it and rerun `{PREPARE_COMMAND}`."
+                ) from None
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer: BPE trained with rustbpe, used through tiktoken.
+
+
+class Tokenizer:
+    """A tiktoken Encoding with our special tokens; BOS is prepended to every document."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.bos_token_id = encoding.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, directory=None):
+        path = os.path.join(directory or TOKENIZER_DIR, "tokenizer.pkl")
+        if not os.path.exists(path):
+            raise HarnessError(
+                f"No tokenizer at {path}. Run `{PREPARE_COMMAND}` first "
+                f"(or `{PREPARE_COMMAND} --data-dir DIR` offline)."
+            )
+        with open(path, "rb") as f:
+            return cls(pickle.load(f))
+
+    def get_vocab_size(self):
+        return self.encoding.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Token ids of a string (a list of ints), or of a list of strings (a list of lists). `prepend`: a token id
+        or special-token string put before each sequence."""
+        if isinstance(prepend, str):
+            prepend = self.encoding.encode_single_token(prepend)
+        head = [] if prepend is None else [prepend]
+        if isinstance(text, str):
+            return head + self.encoding.encode_ordinary(text)
+        return [head + ids for ids in self.encoding.encode_ordinary_batch(text, num_threads=num_threads)]
+
+    def decode(self, ids):
+        return self.encoding.decode(list(ids))
+
+
+def _training_texts(char_budget):
+    """Training documents for the tokenizer, each capped, until the character budget or one pass over the shards."""
+    used = 0
+    for texts, epoch in iter_texts("train"):
+        if epoch > 1:
+            return
+        for text in texts:
+            text = text[:TOKENIZER_DOC_CHARS]
+            yield text
+            used += len(text)
+            if used >= char_budget:
+                return
+
+
+def train_tokenizer(char_budget=TOKENIZER_TRAIN_CHARS):
+    """Train the BPE on training documents only and save tokenizer.pkl and token_bytes.npy (atomically)."""
+    import rustbpe
+    import tiktoken
+
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_training_texts(char_budget), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
+        raise HarnessError(
+            f"Tokenizer training produced {len(ranks)} tokens instead of {VOCAB_SIZE - len(SPECIAL_TOKENS)}: "
+            f"the training data is too small or too repetitive. Prepare more shards."
+        )
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    token_bytes = np.zeros(VOCAB_SIZE, dtype=np.int32)  # special tokens keep 0: they are not scored
+    for token, rank in ranks.items():
+        token_bytes[rank] = len(token)
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    with open(os.path.join(TOKENIZER_DIR, "token_bytes.npy.tmp"), "wb") as f:
+        np.save(f, token_bytes)
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer.pkl.tmp"), "wb") as f:
+        pickle.dump(encoding, f)
+    # tokenizer.pkl last: its presence is what says "tokenizer ready"
+    os.replace(os.path.join(TOKENIZER_DIR, "token_bytes.npy.tmp"), os.path.join(TOKENIZER_DIR, "token_bytes.npy"))
+    os.replace(os.path.join(TOKENIZER_DIR, "tokenizer.pkl.tmp"), os.path.join(TOKENIZER_DIR, "tokenizer.pkl"))
+    return encoding
+
+
+def get_token_bytes():
+    """int32 array [VOCAB_SIZE]: UTF-8 byte length of each token id, 0 for special tokens."""
+    path = os.path.join(TOKENIZER_DIR, "token_bytes.npy")
+    if not os.path.exists(path):
+        raise HarnessError(f"No token byte table at {path}. Run `{PREPARE_COMMAND}` first.")
+    return np.load(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing.
+
+
+class BestFitPacker:
+    """Packs tokenized documents into rows of exactly `row_len` tokens with no padding.
+
+    Every document starts with BOS. For each row we repeatedly take the longest buffered piece that fits the space
+    left; when none fits, the shortest piece is split: its head fills the row and its tail goes back to the buffer,
+    so no token is ever dropped or invented. Deterministic for a given document stream."""
+
+    def __init__(self, row_len, buffer_size=1000):
+        self.row_len = row_len
+        self.buffer_size = buffer_size
+        self.lengths = []  # sorted lengths of the buffered pieces
+        self.pieces = []  # numpy int32 arrays, in the same order as `lengths`
+
+    def add(self, piece):
+        import bisect
+
+        at = bisect.bisect_right(self.lengths, len(piece))
+        self.lengths.insert(at, len(piece))
+        self.pieces.insert(at, piece)
+
+    def needs_documents(self):
+        return len(self.pieces) < self.buffer_size
+
+    def buffered_tokens(self):
+        return sum(self.lengths)
+
+    def next_row(self):
+        """One row of row_len tokens, or None if the buffer holds fewer tokens than a row."""
+        import bisect
+
+        if self.buffered_tokens() < self.row_len:
+            return None
+        row = np.empty(self.row_len, dtype=np.int32)
+        filled = 0
+        while filled < self.row_len:
+            space = self.row_len - filled
+            at = bisect.bisect_right(self.lengths, space) - 1  # longest piece that fits
+            if at >= 0:
+                self.lengths.pop(at)
+                piece = self.pieces.pop(at)
+            else:  # nothing fits: split the shortest piece
+                self.lengths.pop(0)
+                whole = self.pieces.pop(0)
+                piece, tail = whole[:space], whole[space:]
+                self.add(tail)
+            row[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        return row
+
+
+def _packed_rows(tokenizer, row_len, split, buffer_size=1000):
+    """Infinite stream of (row, epoch): rows of row_len tokens packed from the split's documents."""
+    bos = tokenizer.get_bos_token_id()
+    packer = BestFitPacker(row_len, buffer_size)
+    texts = iter_texts(split)
+    epoch = 1
+    while True:
+        while packer.needs_documents() or packer.buffered_tokens() < row_len:
+            batch, epoch = next(texts)
+            for ids in tokenizer.encode(batch, prepend=bos):
+                packer.add(np.asarray(ids, dtype=np.int32))
+        yield packer.next_row(), epoch
+
+
+def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4):
+    """Infinite iterator of (inputs, targets, epoch): int32 numpy arrays [batch_size, seq_len], targets shifted by one.
+
+    Tokenizing and packing run in a background thread a few batches ahead (tiktoken releases the GIL), so the
+    loader overlaps the training step instead of adding to it."""
+    import queue
+    import threading
+
+    list_shards(split)  # fail fast, in the caller's thread, when data is missing
+    batches = queue.Queue(maxsize=prefetch)
+
+    def produce():
+        try:
+            rows = _packed_rows(tokenizer, seq_len + 1, split)
+            while True:
+                block, epoch = zip(*(next(rows) for _ in range(batch_size)))
+                block = np.stack(block)
+                batches.put((np.ascontiguousarray(block[:, :-1]), np.ascontiguousarray(block[:, 1:]), epoch[-1]))
+        except BaseException as e:  # hand the error to the consumer
+            batches.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = batches.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: bits per byte on exactly EVAL_TOKENS tokens of the pinned validation shard.
+
+
+def _file_digest(path, length=12):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def val_rows_path():
+    tokenizer_id = _file_digest(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), 8)
+    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
+
+
+def load_val_rows():
+    """The validation rows evaluate_bpb scores: uint16 [EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1], packed with the
+    same best-fit packer from the start of the validation shard (cycling through it if it is shorter). Built once per
+    tokenizer and shape and cached, so evaluation time is model time."""
+    path = val_rows_path()
+    if not os.path.exists(path):
+        tokenizer = Tokenizer.from_directory()
+        n_rows = EVAL_TOKENS // MAX_SEQ_LEN
+        stream = _packed_rows(tokenizer, MAX_SEQ_LEN + 1, "val")
+        rows = np.stack([next(stream)[0] for _ in range(n_rows)]).astype(np.uint16)
+        os.makedirs(EVAL_DIR, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, rows)
+        os.replace(path + ".tmp", path)
+    return np.load(path)
+
+
+def _is_torch_module(model):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def evaluate_bpb(model, batch_size):
+    """Validation bits per byte: the summed cross-entropy (nats) of every target token whose byte length is > 0,
+    divided by ln 2 times the summed byte lengths of those tokens, over exactly EVAL_TOKENS target tokens.
+
+    `model` maps int32 token ids [B, MAX_SEQ_LEN] to logits [B, MAX_SEQ_LEN, VOCAB_SIZE]: an MLX callable, or a
+    torch.nn.Module (then the same computation runs in torch, on the module's device). The harness computes the loss
+    itself in float32, so the model cannot change how it is scored. Deterministic for a given model."""
+    rows = load_val_rows()
+    token_bytes = get_token_bytes()
+    if _is_torch_module(model):
+        return _evaluate_bpb_torch(model, batch_size, rows, token_bytes)
+    import mlx.core as mx
+
+    token_bytes_mx = mx.array(token_bytes)
+    total_nats, total_bytes = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        block = mx.array(rows[start : start + batch_size].astype(np.int32))
+        inputs, targets = block[:, :-1], block[:, 1:]
+        logits = model(inputs).astype(mx.float32)
+        target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        nats = mx.logsumexp(logits, axis=-1) - target_logits
+        nbytes = token_bytes_mx[targets]
+        batch_nats = mx.sum(mx.where(nbytes > 0, nats, 0.0))
+        batch_bytes = mx.sum(nbytes)
+        mx.eval(batch_nats, batch_bytes)
+        total_nats += batch_nats.item()
+        total_bytes += batch_bytes.item()
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def _evaluate_bpb_torch(model, batch_size, rows, token_bytes):
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    token_bytes_t = torch.from_numpy(token_bytes).to(device)
+    was_training = model.training
+    model.eval()
+    total_nats, total_bytes = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            block = torch.from_numpy(rows[start : start + batch_size].astype(np.int64)).to(device)
+            inputs, targets = block[:, :-1], block[:, 1:]
+            logits = model(inputs).float()
+            nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            nbytes = token_bytes_t[targets.reshape(-1)]
+            total_nats += torch.where(nbytes > 0, nats, 0.0).sum().item()
+            total_bytes += nbytes.sum().item()
+    model.train(was_training)
+    return total_nats / (math.log(2) * total_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run-time helpers shared by the training scripts: progress line, fast fail, MFU peak, summary, fingerprint.
+
+
+class ProgressLine:
+    """One progress line rewritten in place on a terminal; when stdout is a file (run.log), a line at most every
+    `interval` seconds, so logs stay small."""
+
+    def __init__(self, interval=5.0):
+        self.tty = sys.stdout.isatty()
+        self.interval = interval
+        self.last_print = -math.inf
+        self.width = 0
+
+    def update(self, text, force=False):
+        now = time.monotonic()
+        if self.tty:
+            print("\r" + text.ljust(self.width), end="", flush=True)
+            self.width = len(text)
+        elif force or now - self.last_print >= self.interval:
+            print(text, flush=True)
+            self.last_print = now
+
+    def close(self):
+        if self.tty and self.width:
+            print(flush=True)
+        self.width = 0
+
+
+def check_loss(loss, step):
+    """Fast fail: end the run at once, with status 1, when the training loss is NaN/inf or above 100."""
+    if not math.isfinite(loss) or loss > 100:
+        print(
+            f"\nFAIL: training diverged at step {step} (loss {loss}). No val_bpb for this run. "
+            f"Lower the learning rate, lengthen warmup, or revert the last change.",
+            flush=True,
+        )
+        sys.exit(1)
+
+
+# Dense peak throughput per device and dtype, FLOP/s, from vendor datasheets (tensor cores, no sparsity). Devices not
+# listed (Apple GPUs, CPUs, other GPUs) are measured instead: the best large-matmul throughput seen, cached per device.
+PEAK_FLOPS = {
+    ("NVIDIA H100", "bfloat16"): 989.4e12,  # H100 SXM; the PCIe card is 756 TFLOP/s (matched first below)
+    ("NVIDIA H100 PCIe", "bfloat16"): 756.0e12,
+    ("NVIDIA H200", "bfloat16"): 989.4e12,
+    ("NVIDIA A100", "bfloat16"): 312.0e12,
+    ("NVIDIA H100", "float32"): 494.7e12,  # TF32 tensor cores, which float32 matmuls use when allowed
+    ("NVIDIA H200", "float32"): 494.7e12,
+    ("NVIDIA A100", "float32"): 156.0e12,
+}
+
+
+def _measure_matmul_flops(backend, dtype, n=1024, seconds=1.0):
+    if backend == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        run = lambda: (a @ a).sum().item()  # noqa: E731
+    else:
+        import mlx.core as mx
+
+        a = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+        run = lambda: mx.eval(a @ a)  # noqa: E731
+    run()
+    best, start = math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops(device_name, dtype, backend="mlx"):
+    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else a cached measurement of this device."""
+    for (name, kind), flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0][0])):
+        if kind == dtype and device_name.startswith(name):
+            return flops, "datasheet"
+    key = f"{backend}|{device_name}|{dtype}|{os.path.basename(FAST_BLAS or 'bundled')}"
+    cache = os.path.join(CACHE_DIR, "peak_flops.json")
+    try:
+        with open(cache) as f:
+            measured = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        measured = {}
+    if key not in measured:
+        measured[key] = _measure_matmul_flops(backend, dtype)
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            json.dump(measured, f, indent=1)
+        os.replace(cache + ".tmp", cache)
+    return measured[key], "measured matmul"
+
+
+HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
+
+
+def harness_fingerprint():
+    """A short hash of everything that defines the score: the harness source, the active preset, the tokenizer and
+    the validation rows. Two runs with the same fingerprint were scored the same way."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = [os.path.join(here, name) for name in HARNESS_FILES]
+    parts += [PRESET_FILE, os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), os.path.join(TOKENIZER_DIR, "token_bytes.npy")]
+    parts += [val_rows_path()]
+    digest = hashlib.sha256(f"{MAX_SEQ_LEN}|{TIME_BUDGET}|{EVAL_TOKENS}|{VOCAB_SIZE}".encode())
+    for path in parts:
+        digest.update(_file_digest(path, 64).encode() if os.path.exists(path) else b"missing:" + path.encode())
+    return digest.hexdigest()[:12]
+
+
+def print_summary(fields):
+    """The run summary the agent greps: `---` then one `key: value` per line, in order, then the harness line."""
+    print("---")
+    for key, value in fields.items():
+        if isinstance(value, float):
+            value = f"{value:.6f}" if key == "val_bpb" else f"{value:.2f}"
+        print(f"{key}: {value}")
+    print(f"harness: {harness_fingerprint()}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparation entry point.
+
+
+def prepare(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
+    """Make the cache ready: data shards, tokenizer, validation rows. Idempotent: each finished step is skipped."""
+    print(harness_line())
+    t0 = time.time()
+    if data_dir is not None:
+        n_train, copied = import_local_corpus(data_dir, num_shards)
+        print(f"data: {n_train} training shards + validation from {data_dir} -> {DATA_DIR} ({copied} files copied)")
+    else:
+        n_train = num_shards or NUM_SHARDS
+        if not 1 <= n_train <= VAL_SHARD:
+            raise HarnessError(f"--num-shards must be between 1 and {VAL_SHARD}, got {n_train}.")
+        fetched = download_shards(list(range(n_train)) + [VAL_SHARD], download_workers, endpoint)
+        print(f"data: {n_train} training shards + validation shard {VAL_SHARD} in {DATA_DIR} ({fetched} downloaded)")
+    if os.path.exists(os.path.join(TOKENIZER_DIR, "tokenizer.pkl")):
+        print(f"tokenizer: already trained, {TOKENIZER_DIR}")
+    else:
+        t = time.time()
+        train_tokenizer()
+        print(f"tokenizer: trained BPE ({VOCAB_SIZE} tokens) in {time.time() - t:.1f}s -> {TOKENIZER_DIR}")
+    t = time.time()
+    existed = os.path.exists(val_rows_path())
+    rows = load_val_rows()
+    status = "cached" if existed else f"built in {time.time() - t:.1f}s"
+    print(f"eval: {rows.shape[0]} validation rows x {MAX_SEQ_LEN} tokens ({status}) -> {val_rows_path()}")
+    print(f"ready in {time.time() - t0:.1f}s; cache: {CACHE_DIR}")
+
+
+def make_parser(description):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help=f"training shards to download (default {NUM_SHARDS} from the preset; all with --data-dir)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--data-dir", default=None,
+                        help="prepare offline from a folder of parquet files with a 'text' column and val.parquet")
+    return parser
+
+
+if __name__ == "__main__":
+    args = make_parser("Prepare data, tokenizer and evaluation rows for autoresearch-mamba.").parse_args()
+    prepare(args.num_shards, args.download_workers, args.data_dir)
