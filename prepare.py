@@ -503,16 +503,20 @@ class BestFitPacker:
 
 
 def _packed_rows(tokenizer, row_len, split, buffer_size=1000):
-    """Infinite stream of (row, epoch): rows of row_len tokens packed from the split's documents."""
+    """Infinite stream of (row, epoch): rows of row_len tokens packed from the split's documents. The buffer is
+    refilled up to buffer_size documents but not across an epoch boundary unless a row needs the tokens, so a small
+    split is not read several times over before its first row."""
     bos = tokenizer.get_bos_token_id()
     packer = BestFitPacker(row_len, buffer_size)
     texts = iter_texts(split)
-    epoch = 1
+    upcoming = next(texts)  # one batch of lookahead tells where the epoch ends
+    epoch = upcoming[1]
     while True:
-        while packer.needs_documents() or packer.buffered_tokens() < row_len:
-            batch, epoch = next(texts)
+        while packer.buffered_tokens() < row_len or (packer.needs_documents() and upcoming[1] == epoch):
+            batch, epoch = upcoming
             for ids in tokenizer.encode(batch, prepend=bos):
                 packer.add(np.asarray(ids, dtype=np.int32))
+            upcoming = next(texts)
         yield packer.next_row(), epoch
 
 
@@ -558,8 +562,10 @@ def _file_digest(path, length=12):
 
 
 def val_rows_path():
+    """Cache file of the validation rows, named by what determines them: tokenizer, packing code, shape."""
     tokenizer_id = _file_digest(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), 8)
-    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
+    code_id = _file_digest(os.path.abspath(__file__), 6)
+    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
 
 
 def load_val_rows():
@@ -590,50 +596,43 @@ def evaluate_bpb(model, batch_size):
 
     `model` maps int32 token ids [B, MAX_SEQ_LEN] to logits [B, MAX_SEQ_LEN, VOCAB_SIZE]: an MLX callable, or a
     torch.nn.Module (then the same computation runs in torch, on the module's device). The harness computes the loss
-    itself in float32, so the model cannot change how it is scored. Deterministic for a given model."""
+    itself: per-token losses in float32 on the device, summed in float64 on the host (a float32 running sum over
+    millions of tokens would drift). So the model cannot change how it is scored, and the score is deterministic."""
     rows = load_val_rows()
     token_bytes = get_token_bytes()
-    if _is_torch_module(model):
-        return _evaluate_bpb_torch(model, batch_size, rows, token_bytes)
-    import mlx.core as mx
-
-    token_bytes_mx = mx.array(token_bytes)
+    per_token_nats = _torch_token_losses if _is_torch_module(model) else _mlx_token_losses
     total_nats, total_bytes = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        block = mx.array(rows[start : start + batch_size].astype(np.int32))
-        inputs, targets = block[:, :-1], block[:, 1:]
-        logits = model(inputs).astype(mx.float32)
-        target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        nats = mx.logsumexp(logits, axis=-1) - target_logits
-        nbytes = token_bytes_mx[targets]
-        batch_nats = mx.sum(mx.where(nbytes > 0, nats, 0.0))
-        batch_bytes = mx.sum(nbytes)
-        mx.eval(batch_nats, batch_bytes)
-        total_nats += batch_nats.item()
-        total_bytes += batch_bytes.item()
+        block = rows[start : start + batch_size].astype(np.int32)
+        nats = per_token_nats(model, block[:, :-1], block[:, 1:])
+        nbytes = token_bytes[block[:, 1:]]
+        total_nats += float(nats[nbytes > 0].astype(np.float64).sum())
+        total_bytes += int(nbytes.sum())
     return total_nats / (math.log(2) * total_bytes)
 
 
-def _evaluate_bpb_torch(model, batch_size, rows, token_bytes):
+def _mlx_token_losses(model, inputs, targets):
+    import mlx.core as mx
+
+    logits = model(mx.array(inputs)).astype(mx.float32)
+    targets = mx.array(targets)
+    target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return np.array(mx.logsumexp(logits, axis=-1) - target_logits)
+
+
+def _torch_token_losses(model, inputs, targets):
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
-    token_bytes_t = torch.from_numpy(token_bytes).to(device)
     was_training = model.training
     model.eval()
-    total_nats, total_bytes = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            block = torch.from_numpy(rows[start : start + batch_size].astype(np.int64)).to(device)
-            inputs, targets = block[:, :-1], block[:, 1:]
-            logits = model(inputs).float()
-            nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-            nbytes = token_bytes_t[targets.reshape(-1)]
-            total_nats += torch.where(nbytes > 0, nats, 0.0).sum().item()
-            total_bytes += nbytes.sum().item()
+        logits = model(torch.from_numpy(inputs).long().to(device)).float()
+        nats = F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(targets).long().to(device).flatten(),
+                               reduction="none")
     model.train(was_training)
-    return total_nats / (math.log(2) * total_bytes)
+    return nats.view(targets.shape).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

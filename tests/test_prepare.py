@@ -1,0 +1,337 @@
+"""The fixed harness: presets, tokenizer, packing, dataloader, evaluate_bpb, offline preparation, fingerprint."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import prepare
+from conftest import ROOT, write_parquet
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"prepare": {"MAX_SEQ_LEN": 128}, "training": {}}, "unknown section 'training'"),
+        ({"prepare": {"MAX_SEQ": 128}}, "unknown key 'MAX_SEQ' in section 'prepare'"),
+        ({"prepare": {"MAX_SEQ_LEN": "128"}}, "prepare.MAX_SEQ_LEN must be a positive number"),
+        ({"prepare": {"EVAL_TOKENS": -5}}, "prepare.EVAL_TOKENS must be a positive number"),
+        ({"train_mamba_3_mlx": [1, 2]}, "section 'train_mamba_3_mlx' must be a JSON object"),
+        ('{"prepare": {', "is not valid JSON"),
+    ],
+)
+def test_bad_preset_file_is_a_clear_error(tmp_path, content, message):
+    path = write_json(tmp_path / "bad.json", content)
+    with pytest.raises(prepare.HarnessError, match=message) as error:
+        prepare.load_preset(path)
+    assert path in str(error.value)
+
+
+def test_unreadable_preset_file_names_the_file(tmp_path):
+    with pytest.raises(prepare.HarnessError, match="Cannot read preset file .*missing.json"):
+        prepare.load_preset(str(tmp_path / "missing.json"))
+
+
+def test_apply_preset_overrides_checks_keys_and_types(monkeypatch):
+    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPTH": 3, "LR": 1})
+    namespace = {"DEPTH": 8, "LR": 0.01, "NAME": "x"}
+    assert prepare.apply_preset(namespace, "train_mamba") == {"DEPTH": 3, "LR": 1}
+    assert namespace["DEPTH"] == 3 and namespace["LR"] == 1.0 and isinstance(namespace["LR"], float)
+
+    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPHT": 3})
+    with pytest.raises(prepare.HarnessError, match="unknown key 'DEPHT'.*DEPTH"):
+        prepare.apply_preset({"DEPTH": 8}, "train_mamba")
+    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPTH": 2.5})
+    with pytest.raises(prepare.HarnessError, match="train_mamba.DEPTH must be int"):
+        prepare.apply_preset({"DEPTH": 8}, "train_mamba")
+    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"USE_MLP": 1})
+    with pytest.raises(prepare.HarnessError, match="USE_MLP must be bool"):
+        prepare.apply_preset({"USE_MLP": True}, "train_mamba")
+
+
+def run_python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True)
+
+
+def test_preset_chosen_by_name_and_bad_path_exits_with_message(tmp_path):
+    shown = run_python("import prepare; print(prepare.PRESET_NAME, prepare.MAX_SEQ_LEN)",
+                       AUTORESEARCH_MLX_PRESET_FILE="cpu")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["cpu", str(prepare.load_preset(os.path.join(ROOT, "presets/cpu.json"))
+                                                ["prepare"]["MAX_SEQ_LEN"])]
+    missing = run_python("import prepare", AUTORESEARCH_MLX_PRESET_FILE=str(tmp_path / "nope.json"))
+    assert missing.returncode == 1
+    assert "Preset file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_shipped_presets_are_valid():
+    names = sorted(f for f in os.listdir(os.path.join(ROOT, "presets")) if f.endswith(".json"))
+    assert {"default.json", "cpu.json", "smoke.json"} <= set(names)
+    for name in names:
+        sections = prepare.load_preset(os.path.join(ROOT, "presets", name))
+        p = {"MAX_SEQ_LEN": 2048, "EVAL_TOKENS": 40 * 524288, **sections["prepare"]}
+        assert p["EVAL_TOKENS"] % p["MAX_SEQ_LEN"] == 0, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_round_trip_and_byte_table(prepared_cache):
+    tokenizer = prepare.Tokenizer.from_directory()
+    token_bytes = prepare.get_token_bytes()
+    assert tokenizer.get_vocab_size() == prepare.VOCAB_SIZE == len(token_bytes)
+    bos = tokenizer.get_bos_token_id()
+    assert bos == prepare.VOCAB_SIZE - len(prepare.SPECIAL_TOKENS)
+    special_ids = [tokenizer.encoding.encode_single_token(t) for t in prepare.SPECIAL_TOKENS]
+    assert all(token_bytes[i] == 0 for i in special_ids)
+    assert (token_bytes[: bos] > 0).all()
+    samples = ["Hello world!", "  spaces\tand\nnewlines\n\n", "12345678 3.14159", "café naïve Straße 数据 — λx", ""]
+    for text in samples:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))  # every byte is counted once
+        assert bos not in ids
+    assert max(len(tokenizer.decode([i])) for i in tokenizer.encode("1234567890")) <= 2  # digits split in pairs
+    batch = tokenizer.encode(samples, prepend=prepare.BOS_TOKEN)
+    assert [ids[0] for ids in batch] == [bos] * len(samples)
+    assert [ids[1:] for ids in batch] == [tokenizer.encode(t) for t in samples]
+
+
+def test_missing_tokenizer_and_data_say_what_to_run(tmp_path, monkeypatch):
+    with pytest.raises(prepare.HarnessError, match="prepare_mlx_mamba_3.py"):
+        prepare.Tokenizer.from_directory(str(tmp_path))
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path))
+    with pytest.raises(prepare.HarnessError, match="No train data .*prepare_mlx_mamba_3.py"):
+        prepare.list_shards("train")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing and dataloader
+
+
+def labelled_documents(n_docs, seed, max_len=300):
+    """Documents whose tokens name themselves: doc d is [-(d + 1), d * 10_000 + 1, d * 10_000 + 2, ...], its BOS
+    labelled -(d + 1) so the test can tell whose start it is (the packer never looks at token values)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len, size=n_docs)
+    return [np.array([-(d + 1)] + [d * 10_000 + i for i in range(1, n)], dtype=np.int32) for d, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("row_len, buffer_size", [(65, 8), (129, 50), (513, 20)])
+def test_best_fit_packing_invariants(row_len, buffer_size):
+    docs = labelled_documents(400, seed=row_len)
+    packer = prepare.BestFitPacker(row_len, buffer_size)
+    rows, fed = [], 0
+    while True:
+        while fed < len(docs) and (packer.needs_documents() or packer.buffered_tokens() < row_len):
+            packer.add(docs[fed])
+            fed += 1
+        row = packer.next_row()
+        if row is None:
+            break
+        rows.append(row)
+    assert fed == len(docs) and packer.buffered_tokens() < row_len
+    assert all(len(r) == row_len for r in rows)  # exact rows, no padding
+    # no token lost or invented: rows plus what is left in the buffer hold every document token exactly once
+    emitted = np.concatenate(rows + packer.pieces)
+    assert np.array_equal(np.sort(emitted), np.sort(np.concatenate(docs)))
+    # split pieces stay in order: within a row, consecutive tokens of one document are consecutive positions
+    for row in rows:
+        for a, b in zip(row[:-1], row[1:]):
+            if a > 0 and b > 0 and a // 10_000 == b // 10_000:
+                assert b == a + 1
+    # every document starts with its BOS: inside a row, a BOS is always followed by its own document's first token
+    # (a BOS can only be separated from it by a row boundary, when the document was split right after it)
+    bos_seen = 0
+    for row in rows:
+        for a, b in zip(row[:-1], row[1:]):
+            if a < 0 and len(docs[-a - 1]) > 1:
+                assert b == (-a - 1) * 10_000 + 1
+                bos_seen += 1
+    assert bos_seen > len(docs) // 2
+    # best fit leaves little behind: all but the last partial row's worth of tokens went into rows
+    assert packer.buffered_tokens() < row_len
+
+
+def test_dataloader_shapes_shift_and_determinism(prepared_cache):
+    tokenizer = prepare.Tokenizer.from_directory()
+    bos = tokenizer.get_bos_token_id()
+    first = prepare.make_dataloader(tokenizer, 4, 32, "train")
+    second = prepare.make_dataloader(tokenizer, 4, 32, "train")
+    for _ in range(20):
+        (x1, y1, e1), (x2, y2, e2) = next(first), next(second)
+        assert x1.shape == y1.shape == (4, 32) and x1.dtype == y1.dtype == np.int32
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and e1 == e2 == 1
+        assert np.array_equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+        assert ((0 <= x1) & (x1 < prepare.VOCAB_SIZE)).all()
+    assert (x1 == bos).any()
+
+
+def test_dataloader_cycles_with_epoch_counter(prepared_cache):
+    tokenizer = prepare.Tokenizer.from_directory()
+    val_docs = prepare.pq.read_table(prepare.shard_path(prepare.VAL_SHARD)).column("text").to_pylist()
+    val_tokens = sum(len(ids) for ids in tokenizer.encode(val_docs, prepend=tokenizer.get_bos_token_id()))
+    loader = prepare.make_dataloader(tokenizer, 8, 63, "val")
+    epochs = [next(loader)[2] for _ in range(2 * val_tokens // (8 * 64) + 10)]
+    assert epochs[0] == 1 and epochs == sorted(epochs) and epochs[-1] >= 2
+
+
+def test_corrupt_shard_is_a_clear_error(prepared_cache, tmp_path, monkeypatch):
+    shutil.copy(prepare.shard_path(0), tmp_path / "shard_00000.parquet")
+    with open(tmp_path / "shard_00001.parquet", "wb") as f:
+        f.write(b"PAR1 this is not a parquet file")
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path))
+    texts = prepare.iter_texts("train")
+    with pytest.raises(prepare.HarnessError, match="Corrupt shard .*shard_00001.parquet.*Delete it"):
+        for _ in range(10_000):
+            next(texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate_bpb
+
+
+def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_byte(prepared_cache):
+    import mlx.core as mx
+
+    rows = prepare.load_val_rows()
+    assert rows.shape == (prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, prepare.MAX_SEQ_LEN + 1)
+    token_bytes = prepare.get_token_bytes()
+    target_bytes = token_bytes[rows[:, 1:].astype(np.int64)]
+    expected = math.log2(prepare.VOCAB_SIZE) * (target_bytes > 0).sum() / target_bytes.sum()
+    uniform = lambda ids: mx.zeros((*ids.shape, prepare.VOCAB_SIZE))  # noqa: E731
+    for batch_size in (1, 5, 32):  # also a batch size that does not divide the rows
+        assert prepare.evaluate_bpb(uniform, batch_size) == pytest.approx(expected, rel=1e-6)
+
+
+def low_rank_logits(seed=0, rank=8):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(prepare.VOCAB_SIZE, rank)).astype(np.float32), rng.normal(
+        size=(rank, prepare.VOCAB_SIZE)).astype(np.float32)
+
+
+def test_evaluate_bpb_is_deterministic_and_matches_a_numpy_reference(prepared_cache):
+    import mlx.core as mx
+
+    left, right = low_rank_logits()
+    left_mx, right_mx = mx.array(left), mx.array(right)
+    model = lambda ids: left_mx[ids] @ right_mx  # noqa: E731
+    score = prepare.evaluate_bpb(model, 8)
+    assert score == prepare.evaluate_bpb(model, 8)
+    rows = prepare.load_val_rows().astype(np.int64)
+    logits = (left[rows[:, :-1]] @ right).astype(np.float64)
+    targets = rows[:, 1:]
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nats = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    nbytes = prepare.get_token_bytes()[targets]
+    expected = nats[nbytes > 0].sum() / (math.log(2) * nbytes.sum())
+    assert score == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_bpb_mlx_and_torch_agree(prepared_cache):
+    torch = pytest.importorskip("torch", reason="the torch extra is not installed (uv sync --extra torch)")
+    import mlx.core as mx
+
+    left, right = low_rank_logits(seed=1)
+
+    class LowRank(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left = torch.nn.Parameter(torch.from_numpy(left))
+            self.right = torch.nn.Parameter(torch.from_numpy(right))
+
+        def forward(self, ids):
+            return self.left[ids] @ self.right
+
+    left_mx, right_mx = mx.array(left), mx.array(right)
+    mlx_score = prepare.evaluate_bpb(lambda ids: left_mx[ids] @ right_mx, 8)
+    torch_score = prepare.evaluate_bpb(LowRank(), 8)
+    assert torch_score == pytest.approx(mlx_score, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Offline preparation, end to end
+
+
+def test_offline_prepare_is_complete_and_idempotent(prepared_cache, corpus_dir, capsys):
+    assert sorted(os.listdir(prepare.DATA_DIR)) == ["shard_00000.parquet", "shard_00001.parquet",
+                                                    "shard_06542.parquet"]
+    tokenizer_file = os.path.join(prepare.TOKENIZER_DIR, "tokenizer.pkl")
+    before = os.path.getmtime(tokenizer_file), os.path.getmtime(prepare.val_rows_path())
+    prepare.prepare(data_dir=corpus_dir)
+    out = capsys.readouterr().out
+    assert "(0 files copied)" in out and "already trained" in out and "(cached)" in out
+    assert (os.path.getmtime(tokenizer_file), os.path.getmtime(prepare.val_rows_path())) == before
+    assert not [f for root, _, files in os.walk(prepare.CACHE_DIR) for f in files if f.endswith(".tmp")]
+
+
+def test_offline_source_errors(tmp_path):
+    with pytest.raises(prepare.HarnessError, match="no such directory"):
+        prepare.import_local_corpus(str(tmp_path / "absent"))
+    write_parquet(tmp_path / "a.parquet", ["some text"])
+    with pytest.raises(prepare.HarnessError, match="no val.parquet"):
+        prepare.import_local_corpus(str(tmp_path))
+    os.remove(tmp_path / "a.parquet")
+    write_parquet(tmp_path / "val.parquet", ["held out"])
+    with pytest.raises(prepare.HarnessError, match="no training parquet files"):
+        prepare.import_local_corpus(str(tmp_path))
+    import pyarrow as pa
+
+    prepare.pq.write_table(pa.table({"content": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(prepare.HarnessError, match="has no 'text' column"):
+        prepare.import_local_corpus(str(tmp_path))
+
+
+def test_entry_point_prints_what_it_did(prepared_cache, corpus_dir):
+    done = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "hybrid", "--data-dir",
+                           corpus_dir], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for expected in ("architecture: hybrid", "preset: smoke", prepare.DATA_DIR, "tokenizer: already trained",
+                     "next: uv run train_hybrid_moe_mlx.py"):
+        assert expected in done.stdout
+    bad = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--data-dir", corpus_dir], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, AUTORESEARCH_MLX_ARCHITECTURE="gpt"))
+    assert bad.returncode == 1 and "Unknown architecture 'gpt'" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Integrity fingerprint
+
+
+def test_editing_the_harness_changes_the_fingerprint(prepared_cache, tmp_path):
+    for name in ("prepare.py", "prepare_mlx_mamba_3.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "presets"), tmp_path / "presets")
+    code = "import prepare; print(prepare.harness_fingerprint())"
+
+    def fingerprint():
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ, AUTORESEARCH_MLX_PRESET_FILE=str(tmp_path / "presets/smoke.json")))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    original = fingerprint()
+    assert original == fingerprint()
+    with open(tmp_path / "prepare.py", "a") as f:
+        f.write("\n# an innocent-looking edit\n")
+    edited = fingerprint()
+    assert edited != original
+    with open(tmp_path / "presets/smoke.json", "w") as f:
+        f.write(open(os.path.join(ROOT, "presets/smoke.json")).read().replace('"TIME_BUDGET": 3', '"TIME_BUDGET": 4'))
+    assert fingerprint() not in (original, edited)
