@@ -257,16 +257,17 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
                 )
                 check_parquet(shard_path(index))
                 return
-            except Exception as e:  # network errors, HTTP 5xx, a corrupt download (HarnessError)
+            except (Exception, HarnessError) as e:  # network errors, HTTP 5xx, a corrupt download
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if os.path.exists(shard_path(index)):
                     os.remove(shard_path(index))  # only a verified shard may look complete
                 if attempt == attempts:
                     raise HarnessError(
-                        f"Download of {name} failed after {attempts} attempts: {e}. Check the network and rerun "
+                        f"Download of {name} failed after {attempts} attempts ({reason}). Check the network and rerun "
                         f"{PREPARE_COMMAND} (finished shards are kept), or prepare offline with --data-dir DIR."
                     ) from None
                 wait = backoff_seconds * 2 ** (attempt - 1)
-                print(f"  {name}: attempt {attempt} failed ({type(e).__name__}: {e}); retrying in {wait:.0f}s")
+                print(f"  {name}: attempt {attempt} failed ({reason}); retrying in {wait:.1f}s", flush=True)
                 time.sleep(wait)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
