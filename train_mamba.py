@@ -1,18 +1,15 @@
 """
 Train a Mamba-2 or Mamba-3 (SISO / MIMO) language model with PyTorch for a fixed time budget, then report val_bpb.
 
-The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, hyperparameter names, schedule, time-budget rule
-and summary, scored by the same harness (prepare.evaluate_bpb) on the same data and tokenizer. On CUDA it trains in
-bf16 autocast with torch.compile and fused AdamW, and uses mamba_ssm's fused scan kernels when they are installed and
-agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32 (tests, smoke runs).
+The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, parameter names, hyperparameter names, schedule,
+time-budget rule and summary, scored by the same harness (prepare.evaluate_bpb) on the same data and tokenizer.
+On CUDA it trains under bf16 autocast with torch.compile and fused AdamW, and uses mamba_ssm's fused scan kernels
+when they import and agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32.
 
 Run: `uv run --extra torch train_mamba.py` (architecture from AUTORESEARCH_MLX_ARCHITECTURE, else the preset's
-`train_mamba` section, else the constant below). The math of every block is in MODELS.md; the scans below are the
-chunked (matmul-shaped) forms, and each has a step recurrence that the tests hold it to.
+`train_mamba` section, else the constant below). The math is in MODELS.md; every chunked scan below has a one-token
+step recurrence that the tests hold it to (tests/test_train_mamba_torch.py).
 """
-
-import prepare  # first: the harness (constants, presets, data, evaluation)
-from prepare import apply_preset
 
 import gc
 import math
@@ -20,64 +17,74 @@ import os
 import platform
 import resource
 import time
+from dataclasses import dataclass
+
+t_script_start = time.time()  # total_seconds counts from here (imports included)
+
+import prepare  # first: the harness (constants, presets, data, evaluation)
+from prepare import apply_preset
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hyperparameters (canonical full-size defaults; the active preset's `train_mamba` section may override them)
+# Hyperparameters (canonical full-size defaults, the same as train_mamba_3_mlx.py; the preset may override them)
 
 # Model
-ARCHITECTURE = "mamba-3"  # "mamba-2" (SSD) or "mamba-3"
-MIMO_RANK = 1  # Mamba-3 only: 1 = SISO, r > 1 = MIMO of rank r
-DEPTH = 8  # number of Mamba blocks
-D_MODEL = 768  # residual stream width
-D_STATE = 128  # state size n (key/query side)
-HEADDIM = 64  # head dim p (value side)
-EXPAND = 2  # d_inner = EXPAND * D_MODEL
-NGROUPS = 1  # B/C groups shared by the heads
-D_CONV = 4  # Mamba-2 causal depthwise conv width
-CHUNK_SIZE = 64  # scan chunk length Q (MIMO: use 64 // MIMO_RANK)
-ROPE_FRACTION = 0.5  # Mamba-3: share of the state dims that the data-dependent rotation turns
-A_FLOOR = 1e-4  # Mamba-3: decay rates are at least this (A <= -A_FLOOR)
-OUTPROJ_NORM = False  # Mamba-3: grouped gated RMSNorm before out_proj instead of y * silu(z)
-DT_MIN = 0.001  # dt_bias init: dt ~ log-uniform in [DT_MIN, DT_MAX] ...
+ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"; env AUTORESEARCH_MLX_ARCHITECTURE wins over this and the preset
+DEPTH = 8  # number of mixer blocks
+D_MODEL = 768  # width of the residual stream
+D_STATE = 64  # SSM state size n per head (the "key/query" side)
+HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
+EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
+NGROUPS = 1  # B/C groups; heads share B and C within a group
+D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
+CHUNK_SIZE = 64  # tokens per chunk of the chunked scans (cost per token grows with it, overhead shrinks)
+DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
-DT_INIT_FLOOR = 1e-4  # ... floored here
-TIE_EMBEDDINGS = True  # lm_head shares the embedding matrix
+DT_INIT_FLOOR = 1e-4  # ... and at least this
+A_FLOOR = 1e-4  # Mamba-3: the decay rate A is at most -A_FLOOR (never a perfect integrator)
+ROPE_FRACTION = 0.5  # Mamba-3: fraction of the state dims rotated by the data-dependent angles
+IS_MIMO = False  # Mamba-3: multi-input multi-output state update (rank MIMO_RANK) instead of SISO
+MIMO_RANK = 4
+IS_OUTPROJ_NORM = False  # Mamba-3: grouped RMSNorm before the output gate
+MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 0 = mixers only, as in Mamba
 
-# Optimization
-TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
-DEVICE_BATCH_SIZE = 16  # rows per forward/backward pass
-LEARNING_RATE = 3e-3  # AdamW peak learning rate
-WEIGHT_DECAY = 0.1  # decoupled, matrices and embeddings only (not A_log, dt_bias, D, norms, biases)
+# Optimization (AdamW; learning rates are peak values, scaled by the schedule)
+DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
+TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
+MATRIX_LR = 0.002  # projections (in_proj, out_proj, conv, MLP)
+EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
+SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases (no weight decay)
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
-GRAD_CLIP = 1.0  # max global gradient norm (0 = off)
-WARMUP_RATIO = 0.05  # share of the time budget spent warming the learning rate up from 0
-WARMDOWN_RATIO = 0.4  # share of the time budget spent decaying it to FINAL_LR_FRAC * peak
-FINAL_LR_FRAC = 0.0
-UNTIMED_STEPS = 10  # the first steps (compilation, autotuning) are not counted against TIME_BUDGET
-EVAL_BATCH_SIZE = 16  # rows per evaluation forward pass
+WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
+GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+WARMUP_RATIO = 0.02  # fraction of the time budget spent ramping the learning rate up from 0
+WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
+FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
+COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
 SEED = 42
 
-# Runtime
+# PyTorch runtime
 COMPILE = True  # torch.compile the model on CUDA (on CPU the inductor C++ build costs more than it saves at test sizes)
-FUSED_KERNELS = True  # use mamba_ssm's fused scans on CUDA when they import and pass the start-up check
+FUSED_KERNELS = True  # on CUDA, use mamba_ssm's fused scans when they import and pass the start-up check
 
 apply_preset(globals(), "train_mamba")
-ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE") or ARCHITECTURE
 # Experiment overrides: assignments placed here win over the preset.
+
+# The environment picks the architecture last, over the constant and the preset (tests and prepare use it).
+ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or ARCHITECTURE
 
 
 # =====================================================================================================================
-# Scans. Every scan is chunked: within a chunk of Q tokens it is a masked, decayed "attention" (matmuls); chunk end
-# states pass from chunk to chunk by a small (chunks x chunks) matmul; each chunk then reads the state it received.
-# Time and memory are O(l * Q), never O(l^2); any length works (the tail chunk is zero-padded, which leaves every
-# state unchanged). Decays, cumulative sums and the states passed between chunks are float32 (float64 if the inputs
-# are); the large matmuls run in the input dtype (bf16 under autocast).
+# Scans. Each is chunked: within a chunk of Q tokens, a masked, decayed "attention" (batched matmuls); each chunk's
+# end state; a (chunks x chunks) matmul that passes states from chunk to chunk; each chunk's read of the state it
+# received. Time and memory are O(l * Q), never O(l^2), and any length works (the tail chunk is zero-padded, which
+# leaves every state unchanged). Decays, cumulative sums and the states passed between chunks are float32 (float64
+# when the inputs are); the big matmuls run in the autocast dtype (bf16 on CUDA).
 # =====================================================================================================================
 
 
@@ -86,9 +93,9 @@ def accumulation_dtype(dtype):
 
 
 def segsum(a):
-    """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal, so that
-    exp(segsum(a)) is the causal decay matrix. Built from a masked cumulative sum, never a difference of two long
-    cumulative sums (which loses precision in float32)."""
+    """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal, so that
+    exp(segsum(a)) is the causal decay matrix. A cumulative sum of a masked copy: every entry sums only its own terms
+    (no difference of two long cumulative sums, which loses float32 precision)."""
     T = a.shape[-1]
     rows = a[..., :, None].expand(*a.shape, T)  # rows[i, j] = a[i]
     strictly_below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
@@ -97,281 +104,282 @@ def segsum(a):
     return sums.masked_fill(~on_or_below, float("-inf"))
 
 
-def decayed_chunk_scan(q, k, v, weight, log_decay, chunk_size, initial_state=None):
-    """The linear recurrence shared by every block, per head, with a rank axis for MIMO (r = 1 otherwise):
+def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_state=None):
+    """The linear recurrence under every block, per head, with a rank axis for MIMO (r = 1 otherwise):
 
-        S_t = exp(log_decay_t) * S_{t-1} + weight_t * sum_j v_{t,j} k_{t,j}^T        (S is p x n, S_{-1} = initial)
+        S_t = exp(log_decay_t) S_{t-1} + weight_t sum_j v_{t,j} k_{t,j}^T        (S is p x n, S_{-1} = initial)
         y_{t,i} = S_t q_{t,i}
 
-    q, k: (b, l, r, g, n), shared by the h/g heads of each group; v: (b, l, r, h, p); weight, log_decay: (b, l, h);
-    initial_state: (b, h, p, n) or None. Returns y (b, l, r, h, p) and the final state (b, h, p, n), float32.
+    q, k (b, l, r, g, n): the h/g heads of a group share them; v (b, l, r, h, p); log_decay, weight (b, l, h) (weight
+    None = 1); initial_state (b, h, p, n) or None. Returns y (b, l, r, h, p) and the final state (b, h, p, n) float32.
     """
     b, l, r, g, n = q.shape
     h, p = v.shape[-2:]
     e = h // g  # heads per group
     Q = chunk_size
     acc = accumulation_dtype(v.dtype)
+    if weight is not None:
+        v = v * weight[:, :, None, :, None].to(v.dtype)  # fold the per-token input weight into the values
     pad = -l % Q
-    if pad:  # zero tokens at the end: no decay (log 0 = 0 ... exp(0) = 1) and no input, so the state stays as it was
+    if pad:  # zero tokens at the end: decay exp(0) = 1 and no input, so the state passes through unchanged
         q, k, v = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (q, k, v))
-        weight, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (weight, log_decay))
+        log_decay = F.pad(log_decay, (0, 0, 0, pad))
     c = (l + pad) // Q
-    # Layout: (batch, group, chunk, ...) in front so that every contraction is a batched matmul; ranks ride along
-    # with the time axis inside a chunk (Q * r rows), heads of a group ride along with p (e * p columns).
+    # Layout: (batch, group, chunk) in front so that every contraction is a batched matmul. Ranks ride along with time
+    # inside a chunk (Q*r rows); the heads of a group ride along with p (e*p columns) where the matmul is shared.
     q = q.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
     k = k.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
-    v = v * weight[:, :, None, :, None].to(v.dtype)  # fold the per-token input weight into the values
     v = v.reshape(b, c, Q, r, g, e, p).permute(0, 4, 1, 2, 3, 5, 6)  # (b, g, c, Q, r, e, p)
     a = log_decay.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # (b, g, e, c, Q)
-    a_cum = a.cumsum(dim=-1)  # decay from the chunk start to each token, in log space
+    a_cum = a.cumsum(dim=-1)  # log decay from the chunk start to each token
 
-    # 1. Within each chunk: y[t, i] += sum_{s <= t} exp(a[s+1..t]) (q[t, i] . k[s, j]) v[s, j]
-    scores = q @ k.transpose(-1, -2)  # (b, g, c, Qr, Qr), once per group
-    decay = torch.exp(segsum(a))  # (b, g, e, c, Q, Q), per head
+    # 1. Within each chunk: y[t, i] += sum_{s <= t} exp(a[s+1] + ... + a[t]) (q[t, i] . k[s, j]) v[s, j]
+    scores = q @ k.transpose(-1, -2)  # (b, g, c, Qr, Qr): once per group
+    decay = torch.exp(segsum(a))  # (b, g, e, c, Q, Q): per head
     mixing = scores.view(b, g, 1, c, Q, r, Q, r) * decay.view(b, g, e, c, Q, 1, Q, 1)
     mixing = mixing.reshape(b, g, e, c, Q * r, Q * r).to(v.dtype)
     v_rows = v.permute(0, 1, 5, 2, 3, 4, 6).reshape(b, g, e, c, Q * r, p)
     y_within = (mixing @ v_rows).view(b, g, e, c, Q, r, p).permute(0, 1, 3, 4, 5, 2, 6)  # (b, g, c, Q, r, e, p)
 
-    # 2. Each chunk's end state from its own tokens: sum_s exp(a[s+1..end]) v[s, j] k[s, j]^T
+    # 2. Each chunk's own end state: sum_s exp(a[s+1] + ... + a[end]) v[s, j] k[s, j]^T
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 1, 3, 4, 2)  # (b, g, c, Q, e)
     v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
     chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
 
-    # 3. Pass states across chunks, in float32 whatever the autocast: state_in[z] = sum_{c' <= z} decay * own[c']
+    # 3. Pass states across chunks in float32, whatever the autocast: entering[z] = sum_{z' <= z} decay * own[z']
     with torch.autocast(q.device.type, enabled=False):
         chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
         if initial_state is None:
             first = chunk_states.new_zeros(b, g, e, 1, p, n)
         else:
             first = initial_state.to(acc).reshape(b, g, e, 1, p, n)
-        states = torch.cat([first, chunk_states], dim=3)  # index 0: the initial state, z: chunk z-1's own state
+        states = torch.cat([first, chunk_states], dim=3)  # index 0: the initial state; z: chunk z-1's own state
         chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, e, c+1, c+1)
         states = (chunk_decay @ states.reshape(b, g, e, c + 1, p * n)).view(b, g, e, c + 1, p, n)
-    states_in, final_state = states[:, :, :, :-1], states[:, :, :, -1]
+    entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
-    # 4. Each chunk reads the state it received: y[t, i] += exp(a[start..t]) * state_in q[t, i]
-    states_in = states_in.permute(0, 1, 3, 5, 2, 4).reshape(b, g, c, n, e * p).to(q.dtype)
-    y_from_state = (q @ states_in).view(b, g, c, Q, r, e, p)
-    y_from_state = y_from_state * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[:, :, :, :, None, :, None]
+    # 4. Each chunk reads the state it received: y[t, i] += exp(a[start] + ... + a[t]) entering q[t, i]
+    entering = entering.permute(0, 1, 3, 5, 2, 4).reshape(b, g, c, n, e * p).to(q.dtype)
+    y_carried = (q @ entering).view(b, g, c, Q, r, e, p)
+    y_carried = y_carried * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[:, :, :, :, None, :, None]
 
-    y = (y_within + y_from_state).permute(0, 2, 3, 4, 1, 5, 6).reshape(b, c * Q, r, h, p)[:, :l]
-    return y.to(v.dtype), final_state.reshape(b, h, p, n)
-
-
-def decayed_step(state, q, k, v, weight, log_decay):
-    """One token of decayed_chunk_scan: state (b, h, p, n); q, k (b, r, g, n); v (b, r, h, p); weight, log_decay (b, h).
-    Returns y (b, r, h, p) and the new state."""
-    e = v.shape[2] // q.shape[2]
-    k_heads, q_heads = k.repeat_interleave(e, dim=2), q.repeat_interleave(e, dim=2)  # (b, r, h, n)
-    update = torch.einsum("brhp,brhn->bhpn", v.to(state.dtype), k_heads.to(state.dtype))
-    state = torch.exp(log_decay.to(state.dtype))[..., None, None] * state + weight.to(state.dtype)[..., None, None] * update
-    y = torch.einsum("bhpn,brhn->brhp", state, q_heads.to(state.dtype))
-    return y.to(v.dtype), state
+    y = (y_within + y_carried).permute(0, 2, 3, 4, 1, 5, 6).reshape(b, c * Q, r, h, p)[:, :l]
+    return y, final_state.reshape(b, h, p, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Mamba-2 (SSD): S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D x_t
+# Mamba-2 (SSD), in the conventions of upstream's ssd_minimal_discrete and train_mamba_3_mlx.py: X = x * dt (b l h p),
+# A = A * dt (b l h) (<= 0), B and C (b l g n). Per head: S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t.
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-    """x (b, l, h, p); dt (b, l, h) > 0; A (h,) < 0; B, C (b, l, g, n); D (h,) or None; initial_state (b, h, p, n).
-    Returns y (b, l, h, p) and the final state (b, h, p, n), float32."""
-    y, final_state = decayed_chunk_scan(
-        C[:, :, None], B[:, :, None], x[:, :, None], dt, dt * A, chunk_size, initial_state
-    )
-    y = y[:, :, 0]
-    if D is not None:
-        y = y + x * D[:, None].to(x.dtype)
-    return y, final_state
+def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
+    """Chunked SSD. Returns (Y (b l h p) in X's dtype, final state (b h p n) float32)."""
+    Y, final_state = decayed_chunk_scan(C[:, :, None], B[:, :, None], X[:, :, None], A, chunk_size,
+                                        initial_state=initial_states)
+    return Y[:, :, 0].to(X.dtype), final_state
 
 
-def ssd_step(state, x, dt, A, B, C, D=None):
-    """One token of ssd_scan: state (b, h, p, n) float32; x (b, h, p); dt (b, h); B, C (b, g, n)."""
-    y, state = decayed_step(state, C[:, None], B[:, None], x[:, None], dt, dt * A)
-    y = y[:, 0]
-    if D is not None:
-        y = y + x * D[:, None].to(x.dtype)
-    return y, state
+def ssd_step(X, A, B, C, state):
+    """One token of the same recurrence (the reference the scan is tested against, and the decode path).
+    X (b h p), A (b h), B, C (b g n), state (b h p n) -> (Y (b h p), new state)."""
+    h, g = X.shape[1], B.shape[1]
+    acc = state.dtype
+    B, C = (t.to(acc).repeat_interleave(h // g, dim=1) for t in (B, C))  # (b h n)
+    state = torch.exp(A.to(acc))[..., None, None] * state + X.to(acc)[..., :, None] * B[..., None, :]
+    Y = (state @ C[..., None])[..., 0]
+    return Y.to(X.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Mamba-3: exponential-trapezoidal recurrence with a data-dependent rotation of q and k (MODELS.md), SISO and MIMO.
+# Mamba-3, in the conventions of train_mamba_3_mlx.py (and of upstream's kernels):
+#   theta_t = (theta_{t-1} + pi tanh(Angles_t) DT_t) mod 2 pi per head and angle; q, k (after their per-head bias) turn
+#   by +theta_t on the first 2a dims, pairing adjacent dims: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos);
+#   S_t = alpha_t S_{t-1} + beta_t sum_i v_{t-1,i} k~_{t-1,i}^T + gamma_t sum_i v_{t,i} k~_{t,i}^T,
+#   alpha_t = exp(ADT_t), beta_t = (1 - lam_t) DT_t alpha_t, gamma_t = lam_t DT_t, lam_t = sigmoid(Trap_t);
+#   o_{t,i} = S_t q~_{t,i} + D v_{t,i}, v_{t,i} = x_t * MIMO_V[h, i] (SISO: r = 1, v = x), gated by
+#   silu(z_t * MIMO_Z[h, i]) and summed with MIMO_O[h, i] (SISO: y_t = o_t * silu(z_t)).
+# The state of a sequence is (theta (b h a), S (b h p n), last rotated k (b h n) or (b r h n), last x (b h p)).
 #
-#   S_t = alpha_t S_{t-1} + beta_t sum_i v_{t-1,i} k~_{t-1,i}^T + gamma_t sum_i v_{t,i} k~_{t,i}^T
-#   alpha_t = exp(A_t dt_t),  beta_t = (1 - lam_t) dt_t alpha_t,  gamma_t = lam_t dt_t
-#   o_{t,i} = S_t q~_{t,i} + D v_{t,i}
-#
-# Chunked form. Let sigma_t = (1 - lam_t) dt_t, so beta_t = alpha_t sigma_t. The shifted state
-# S'_t = S_t + sigma_{t+1} sum_i v_{t,i} k~_{t,i}^T obeys the plain decayed recurrence
-#   S'_t = alpha_t S'_{t-1} + w_t sum_i v_{t,i} k~_{t,i}^T,   w_t = gamma_t + sigma_{t+1},
-# and S_t q = S'_t q - sigma_{t+1} sum_j (q . k~_{t,j}) v_{t,j}. So a Mamba-3 scan is decayed_chunk_scan with
-# per-token weight w, minus that diagonal term, plus D v. The carried (k~, v) of the previous call enter as
-# S'_{-1} = S_{-1} + sigma_0 sum_i v_{-1,i} k~_{-1,i}^T; at the sequence end sigma_{l} = 0 (the next token is
-# unknown), so the final S' is the true final state. The carried state is (theta, S, k~_last, v_last).
-#
-# Rotation: pairs of adjacent dims (0, 1), (2, 3), ... of the first 2 * num_angles dims turn by theta_t, where
-# theta_t = theta_{t-1} + pi * tanh(angles_t) * dt_t (mod 2 pi); (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
-
-
-def heavy_tail_rate(u):
-    """f(u) = 1 + u for u >= 0, 1 / (1 - u) for u < 0, written as (1 + relu(u)) / (1 + relu(-u)) so that neither
-    branch can produce inf/NaN gradients for the other."""
-    return (1 + F.relu(u)) / (1 + F.relu(-u))
-
-
-def mamba3_decay_rate(dd_A, A_floor):
-    """A_t = min(-f(dd_A), -A_floor), computed in float32."""
-    return torch.clamp(-heavy_tail_rate(dd_A.float()), max=-A_floor)
+# Chunked form (derived from the step form, proven against it by the tests). With sigma_t = (1 - lam_t) DT_t (so
+# beta_t = alpha_t sigma_t), the shifted state S'_t = S_t + sigma_{t+1} sum_i v_{t,i} k~_{t,i}^T obeys the plain
+# decayed recurrence S'_t = alpha_t S'_{t-1} + w_t sum_i v_{t,i} k~_{t,i}^T with weight w_t = gamma_t + sigma_{t+1},
+# and S_t q = S'_t q - sigma_{t+1} sum_j (q . k~_{t,j}) v_{t,j}. So the scan is decayed_chunk_scan with weight w,
+# minus that diagonal term, plus D v. A carried (k~, x) enters as S'_{-1} = S_{-1} + sigma_0 sum_i v_{-1,i} k~_{-1,i}^T;
+# after the last token sigma = 0 (the next token is unknown), so the final S' is the true final state.
 
 
 def rotate_pairs(x, theta):
-    """Rotate adjacent dim pairs (2j, 2j+1) of x (..., n) by theta (..., a) for j < a; the other dims pass through.
-    theta broadcasts against x's leading dims."""
+    """Turn adjacent dim pairs (2j, 2j+1) of x (..., n) by theta (..., a) for j < a; other dims pass through."""
     a = theta.shape[-1]
-    turned, rest = x[..., : 2 * a], x[..., 2 * a :]
-    x0, x1 = turned.unflatten(-1, (a, 2)).unbind(-1)
+    x0, x1 = x[..., : 2 * a].unflatten(-1, (a, 2)).unbind(-1)
     cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
     turned = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    return torch.cat([turned, rest], dim=-1)
+    return torch.cat([turned, x[..., 2 * a :]], dim=-1)
 
 
-def rotation_angles(angles, dt, chunk_size, initial_theta=None):
-    """theta_t = theta_{-1} + sum_{s <= t} pi tanh(angles_s) dt_s, modulo 2 pi. angles (b, l, a), dt (b, l, h);
-    returns theta (b, l, h, a) float32. Summed per chunk and reduced mod 2 pi between chunks, so that no float32 sum
-    grows with the sequence length."""
-    b, l, h = dt.shape
-    acc = accumulation_dtype(dt.dtype)
-    increments = math.pi * torch.tanh(angles.to(acc))[:, :, None, :] * dt.to(acc)[..., None]  # (b, l, h, a)
-    Q = chunk_size
-    pad = -l % Q
-    increments = F.pad(increments, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, Q))  # (b, c, Q, h, a)
-    within = increments.cumsum(dim=2)
-    chunk_totals = torch.remainder(within[:, :, -1], 2 * math.pi)  # (b, c, h, a)
-    before = torch.cumsum(chunk_totals, dim=1) - chunk_totals  # what the chunks before each one add
-    if initial_theta is not None:
-        before = before + initial_theta.to(acc)[:, None]
-    theta = torch.remainder(within + before[:, :, None], 2 * math.pi)
+def cumulative_angles(increments, initial_angle, chunk_size):
+    """theta_t = (theta_{-1} + sum_{u <= t} increments_u) mod 2 pi along dim 1 of (b, l, h, a): summed within chunks,
+    then over the chunk totals wrapped mod 2 pi, so that no float32 sum grows with the sequence length."""
+    b, l = increments.shape[:2]
+    pad = -l % chunk_size
+    within = F.pad(increments, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk_size)).cumsum(dim=2)  # (b, c, Q, h, a)
+    totals = torch.remainder(within[:, :, -1], 2 * math.pi)  # (b, c, h, a)
+    offsets = F.pad(totals.cumsum(dim=1)[:, :-1], (0, 0, 0, 0, 1, 0))  # the chunks before each one
+    if initial_angle is not None:
+        offsets = offsets + initial_angle[:, None]
+    theta = torch.remainder(within + offsets[:, :, None], 2 * math.pi)
     return theta.flatten(1, 2)[:, :l]
 
 
-def mamba3_scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, chunk_size, mimo_x=None, initial_state=None):
-    """The Mamba-3 recurrence, rank r (r = 1: SISO).
+def _mamba3_heads(X, bias):
+    """Q or K (b, l, r, g, n) plus the per-head bias (h, r, n) -> (b, l, r, h, n); head = group * (h/g) + j."""
+    h = bias.shape[0]
+    return X.repeat_interleave(h // X.shape[-2], dim=-2) + bias.transpose(0, 1).to(X.dtype)
 
-    q, k: (b, l, r, g, n) after their RMSNorm, before bias and rotation (q = C, k = B); v: (b, l, h, p) (= x);
-    adt = A * dt, dt, trap: (b, l, h) (trap before its sigmoid); q_bias, k_bias: (h, r, n); angles: (b, l, a) raw;
-    D: (h,); mimo_x: (h, r) per-rank value scales (None for SISO); initial_state: (theta (b, h, a), S (b, h, p, n),
-    k_last (b, r, h, n) rotated, v_last (b, h, p)) or None.
-    Returns o (b, l, r, h, p) and the final state in the same form as initial_state.
-    """
-    b, l, r, g, n = q.shape
-    h = v.shape[2]
-    acc = accumulation_dtype(v.dtype)
-    dt, adt = dt.to(acc), adt.to(acc)
-    lam = torch.sigmoid(trap.to(acc))
-    gamma = lam * dt  # weight of the current token's own input
-    sigma = (1 - lam) * dt  # weight (before its decay) of the previous token's input in the next step
+
+def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, mimo):
+    """Shared body of the SISO (mimo None) and MIMO (mimo = (MIMO_V, MIMO_Z, MIMO_O)) chunked scans, with the rank
+    axis always present inside: Q, K (b l r g n), Q_bias, K_bias (h r n), k state (b r h n)."""
+    b, l, h, p = V.shape
+    acc = accumulation_dtype(V.dtype)
+    DT, ADT = DT.to(acc).transpose(1, 2), ADT.to(acc).transpose(1, 2)  # (b l h) from here on
+    lam = torch.sigmoid(Trap.to(acc)).transpose(1, 2)
+    gamma = lam * DT  # weight of a token's own input
+    sigma = DT - gamma  # (1 - lam) DT: beta without its alpha, the previous token's weight in the next step
     sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # sigma_{t+1}; 0 after the last token
-    weight = gamma + sigma_next
 
-    theta = rotation_angles(angles, dt, chunk_size, None if initial_state is None else initial_state[0])
-    e = h // g
-    q = q.repeat_interleave(e, dim=3) + q_bias.transpose(0, 1).to(q.dtype)  # (b, l, r, h, n), per head from here
-    k = k.repeat_interleave(e, dim=3) + k_bias.transpose(0, 1).to(k.dtype)
-    q, k = rotate_pairs(q, theta[:, :, None]), rotate_pairs(k, theta[:, :, None])
-    v_ranks = v[:, :, None] if mimo_x is None else v[:, :, None] * mimo_x.transpose(0, 1)[None, None, :, :, None].to(v.dtype)
+    angle0 = None if initial_states is None else initial_states[0].to(acc)
+    theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
+    q = rotate_pairs(_mamba3_heads(Q, Q_bias), theta[:, :, None])  # (b, l, r, h, n)
+    k = rotate_pairs(_mamba3_heads(K, K_bias), theta[:, :, None])
+    up = (lambda x: x.unsqueeze(-3)) if mimo is None else (lambda x: x.unsqueeze(-3) * mimo[0].transpose(0, 1).to(x.dtype))
+    v = up(V)  # (b, l, r, h, p)
 
-    state0 = None
-    if initial_state is not None:
-        _, S_prev, k_prev, v_prev = initial_state
-        v_prev_ranks = v_prev[:, None] if mimo_x is None else v_prev[:, None] * mimo_x.transpose(0, 1)[None, :, :, None]
-        carried = torch.einsum("brhp,brhn->bhpn", v_prev_ranks.to(acc), k_prev.to(acc))
-        state0 = S_prev.to(acc) + sigma[:, 0, :, None, None] * carried
+    start_state = None
+    if initial_states is not None:
+        _, S_prev, k_prev, x_prev = initial_states
+        carried = torch.einsum("brhp,brhn->bhpn", up(x_prev).to(acc), k_prev.to(acc))
+        start_state = S_prev.to(acc) + sigma[:, 0, :, None, None] * carried
 
-    o, S_final = decayed_chunk_scan(q, k, v_ranks, weight, adt, chunk_size, state0)
-    # The shifted term must not reach its own token: remove sigma_{t+1} sum_j (q_{t,i} . k_{t,j}) v_{t,j}.
+    o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state)
+    # The shifted term must not reach its own token: remove sigma_{t+1} sum_j (q~_{t,i} . k~_{t,j}) v_{t,j}.
     qk = torch.einsum("blihn,bljhn->blhij", q, k)  # (b, l, h, r, r)
-    own = torch.einsum("blhij,bljhp->blihp", qk, v_ranks)
-    o = o - sigma_next.to(o.dtype)[:, :, None, :, None] * own + D.to(o.dtype)[:, None] * v_ranks
-    final_state = (theta[:, -1], S_final, k[:, -1], v[:, -1])
-    return o, final_state
+    own = torch.einsum("blhij,bljhp->blihp", qk.to(v.dtype), v)
+    o = o - sigma_next.to(o.dtype)[:, :, None, :, None] * own
+    if D is not None:
+        o = o + D.to(o.dtype)[:, None] * v
+    if mimo is None:
+        o = o[:, :, 0]
+        if Z is not None:
+            o = o * F.silu(Z.to(o.dtype))
+    else:
+        _, MIMO_Z, MIMO_O = mimo
+        if Z is not None:
+            o = o * F.silu(Z.unsqueeze(2).to(o.dtype) * MIMO_Z.transpose(0, 1).to(o.dtype))
+        if MIMO_O is not None:
+            o = (o * MIMO_O.transpose(0, 1).to(o.dtype)).sum(dim=2)
+    final_states = (theta[:, -1], final_S, k[:, -1], V[:, -1].to(acc))
+    return o.to(V.dtype), final_states
 
 
-def mamba3_step(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x=None):
-    """One token of mamba3_scan, written as the recurrence itself. q, k (b, r, g, n); v (b, h, p); adt, dt, trap (b, h);
-    angles (b, a); state = (theta, S, k_last, v_last) as in mamba3_scan. Returns o (b, r, h, p) and the new state."""
-    theta, S, k_prev, v_prev = state
-    acc = S.dtype
-    dt, adt = dt.to(acc), adt.to(acc)
-    lam = torch.sigmoid(trap.to(acc))
-    alpha = torch.exp(adt)
-    beta, gamma = (1 - lam) * dt * alpha, lam * dt
-    theta = torch.remainder(theta + math.pi * torch.tanh(angles.to(acc))[:, None] * dt[..., None], 2 * math.pi)
-    e = v.shape[1] // q.shape[2]
-    q = q.repeat_interleave(e, dim=2) + q_bias.transpose(0, 1).to(q.dtype)  # (b, r, h, n)
-    k = k.repeat_interleave(e, dim=2) + k_bias.transpose(0, 1).to(k.dtype)
+def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, initial_states=None,
+                     chunk_size=64):
+    """Mamba-3 SISO scan, chunked (any l >= 1). Q, K (b l g n) after their RMSNorm, before bias and rotation;
+    V, Z (b l h p); ADT (= A*dt), DT, Trap (before sigmoid) (b h l); Q_bias, K_bias (h n); Angles (b l h a) or (b l 1 a)
+    before tanh; D (h); initial_states (angle (b h a), S (b h p n), k (b h n), x (b h p)) or None.
+    Returns (out (b l h p) in V's dtype, final states like initial_states, float32)."""
+    if initial_states is not None:
+        angle, S, k_last, x_last = initial_states
+        initial_states = (angle, S, k_last[:, None], x_last)
+    out, (angle, S, k_last, x_last) = _mamba3_scan(Q[:, :, None], K[:, :, None], V, ADT, DT, Trap, Q_bias[:, None],
+                                                   K_bias[:, None], Angles, D, Z, initial_states, chunk_size, None)
+    return out, (angle, S, k_last[:, 0], x_last)
+
+
+def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
+                     Z=None, initial_states=None, chunk_size=16):
+    """Mamba-3 MIMO scan of rank r: as mamba3_siso_scan, except Q, K (b l r g n), Q_bias, K_bias (h r n), MIMO_V,
+    MIMO_Z, MIMO_O (h r p) (MIMO_Z needed when Z is given), and the carried k is (b r h n). Returns out (b l h p), or
+    the per-rank outputs (b l r h p) when MIMO_O is None."""
+    return _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size,
+                        (MIMO_V, MIMO_Z, MIMO_O))
+
+
+def _mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state, mimo):
+    """One token of the recurrence, written as the math reads (rank axis always present: Q, K (b r g n))."""
+    b, h, p = V.shape
+    acc = accumulation_dtype(V.dtype)
+    r, n, a = Q.shape[1], Q.shape[-1], Angles.shape[-1]
+    if state is None:
+        state = (torch.zeros(b, h, a), torch.zeros(b, h, p, n), torch.zeros(b, r, h, n), torch.zeros(b, h, p))
+        state = tuple(t.to(device=V.device, dtype=acc) for t in state)
+    theta, S, k_prev, x_prev = (t.to(acc) for t in state)
+    ADT, DT, lam = ADT.to(acc), DT.to(acc), torch.sigmoid(Trap.to(acc))
+    alpha = torch.exp(ADT)
+    beta, gamma = (1 - lam) * DT * alpha, lam * DT
+    theta = torch.remainder(theta + math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], 2 * math.pi)  # (b h a)
+    e = h // Q.shape[-2]
+    q = Q.to(acc).repeat_interleave(e, dim=-2) + Q_bias.transpose(0, 1).to(acc)  # (b r h n)
+    k = K.to(acc).repeat_interleave(e, dim=-2) + K_bias.transpose(0, 1).to(acc)
     q, k = rotate_pairs(q, theta[:, None]), rotate_pairs(k, theta[:, None])
-    scale = (lambda x: x[:, None]) if mimo_x is None else (lambda x: x[:, None] * mimo_x.transpose(0, 1)[None, :, :, None])
-    v_ranks, v_prev_ranks = scale(v), scale(v_prev)
-    S = (
-        alpha[..., None, None] * S
-        + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev_ranks.to(acc), k_prev.to(acc))
-        + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_ranks.to(acc), k.to(acc))
-    )
-    o = torch.einsum("bhpn,brhn->brhp", S, q.to(acc)).to(v.dtype) + D.to(v.dtype)[:, None] * v_ranks
-    return o, (theta, S, k, v)
+    x = V.to(acc)
+    up = (lambda x: x[:, None]) if mimo is None else (lambda x: x[:, None] * mimo[0].transpose(0, 1).to(acc))
+    v, v_prev = up(x), up(x_prev)  # (b r h p)
+    S = (alpha[..., None, None] * S
+         + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, k_prev)
+         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
+    o = torch.einsum("bhpn,brhn->brhp", S, q)
+    if D is not None:
+        o = o + D.to(acc)[:, None] * v
+    if mimo is None:
+        o = o[:, 0]
+        if Z is not None:
+            o = o * F.silu(Z.to(acc))
+    else:
+        _, MIMO_Z, MIMO_O = mimo
+        if Z is not None:
+            o = o * F.silu(Z.to(acc)[:, None] * MIMO_Z.transpose(0, 1).to(acc))
+        if MIMO_O is not None:
+            o = (o * MIMO_O.transpose(0, 1).to(acc)).sum(dim=1)
+    return o.to(V.dtype), (theta, S, k, x)
 
 
-def mamba3_siso_scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, chunk_size, initial_state=None):
-    """SISO Mamba-3: q, k (b, l, g, n); q_bias, k_bias (h, n); k_last in the state is (b, h, n). Returns y (b, l, h, p)."""
-    if initial_state is not None:
-        theta, S, k_last, v_last = initial_state
-        initial_state = (theta, S, k_last[:, None], v_last)
-    y, (theta, S, k_last, v_last) = mamba3_scan(
-        q[:, :, None], k[:, :, None], v, adt, dt, trap, q_bias[:, None], k_bias[:, None], angles, D, chunk_size,
-        initial_state=initial_state,
-    )
-    return y[:, :, 0], (theta, S, k_last[:, 0], v_last)
+def mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, state=None):
+    """One token of the SISO recurrence: Q, K (b g n), V, Z (b h p), ADT, DT, Trap (b h), Angles (b h a) or (b 1 a),
+    state as mamba3_siso_scan's. Returns (y (b h p), new state)."""
+    if state is not None:
+        angle, S, k_last, x_last = state
+        state = (angle, S, k_last[:, None], x_last)
+    y, (angle, S, k_last, x_last) = _mamba3_step(Q[:, None], K[:, None], V, ADT, DT, Trap, Q_bias[:, None],
+                                                 K_bias[:, None], Angles, D, Z, state, None)
+    return y, (angle, S, k_last[:, 0], x_last)
 
 
-def mamba3_siso_step(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D):
-    theta, S, k_last, v_last = state
-    y, (theta, S, k_last, v_last) = mamba3_step(
-        (theta, S, k_last[:, None], v_last), q[:, None], k[:, None], v, adt, dt, trap, q_bias[:, None],
-        k_bias[:, None], angles, D,
-    )
-    return y[:, 0], (theta, S, k_last[:, 0], v_last)
-
-
-def mamba3_mimo_scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x, chunk_size, initial_state=None):
-    """MIMO Mamba-3 of rank r: q, k (b, l, r, g, n); mimo_x (h, r). Returns per-rank outputs o (b, l, r, h, p)."""
-    return mamba3_scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, chunk_size, mimo_x, initial_state)
-
-
-def mamba3_mimo_step(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x):
-    return mamba3_step(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x)
+def mamba3_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
+                     Z=None, state=None):
+    """One token of the MIMO recurrence: Q, K (b r g n), biases (h r n), MIMO_* (h r p), k state (b r h n)."""
+    return _mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state, (MIMO_V, MIMO_Z, MIMO_O))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scan backend: the pure-PyTorch scans above, or mamba_ssm's fused CUDA kernels behind the same calls. Chosen once at
-# start by choose_scan_backend(); a kernel is used only if it imports and matches the pure scan on a random problem
-# of the model's shape (forward and gradients), so a kernel with another convention can never train silently.
+# Scan backend: the pure-PyTorch scans above, or mamba_ssm's fused CUDA kernels. Chosen once at start by
+# choose_scan_backend(): a kernel is used only if it imports and matches the pure scan on a random problem of the
+# model's shape (output and every input gradient), so a kernel with another convention can never train silently.
+# The kernels take the same arguments as the pure scans (upstream's Mamba-3 interface is the one mirrored here),
+# except Mamba-2's, which takes x, dt and A separately (it folds dt in itself).
 
-SCAN_BACKEND = {"ssd": "torch", "mamba3": "torch"}  # which implementation the blocks call in forward()
-FUSED_SCANS = {}  # name -> function with the pure scan's signature (training form: no initial state)
+FUSED = {}  # "mamba-2" / "mamba-3": the fused function the blocks call instead of the pure scan
 
 
-def _import_fused_scans():
-    """The fused kernels that import here, wrapped to the pure scans' signatures (layouts converted on the way)."""
+def _fused_candidates():
+    """{kind: (function, name)} for the fused kernels that import here, wrapped to the pure scans' arguments."""
     found = {}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
         @torch.compiler.disable
-        def fused_ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
-            assert initial_state is None
-            y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D)
-            return y, None
+        def fused_ssd(x, dt, A, B, C, chunk_size, D):
+            return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D)
 
         found["ssd"] = (fused_ssd, "mamba_chunk_scan_combined")
     except Exception:
@@ -380,536 +388,625 @@ def _import_fused_scans():
         from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 
         @torch.compiler.disable
-        def fused_mamba3_siso(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, chunk_size, initial_state=None):
-            assert initial_state is None
-            h = v.shape[2]
-            y = mamba3_siso_combined(
-                Q=q.contiguous(), K=k.contiguous(), V=v.contiguous(),
-                ADT=adt.float().transpose(1, 2).contiguous(), DT=dt.float().transpose(1, 2).contiguous(),
-                Trap=trap.transpose(1, 2).contiguous(), Q_bias=q_bias.float().contiguous(),
-                K_bias=k_bias.float().contiguous(),
-                Angles=angles.float()[:, :, None].expand(-1, -1, h, -1).contiguous(), D=D.float(), Z=None,
-                chunk_size=chunk_size,
+        def fused_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, chunk_size=64):
+            h = V.shape[2]
+            return mamba3_siso_combined(
+                Q=Q.contiguous(), K=K.contiguous(), V=V.contiguous(), ADT=ADT.float().contiguous(),
+                DT=DT.float().contiguous(), Trap=Trap.contiguous(), Q_bias=Q_bias.float().contiguous(),
+                K_bias=K_bias.float().contiguous(), Angles=Angles.float().expand(-1, -1, h, -1).contiguous(),
+                D=None if D is None else D.float(), Z=None if Z is None else Z.contiguous(), chunk_size=chunk_size,
             )
-            return y, None
 
-        found["mamba3_siso"] = (fused_mamba3_siso, "mamba3_siso_combined")
+        found["siso"] = (fused_siso, "mamba3_siso_combined")
     except Exception:
         pass
     try:
         from mamba_ssm.ops.tilelang.mamba3.mamba3_mimo import mamba3_mimo
 
         @torch.compiler.disable
-        def fused_mamba3_mimo(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, mimo_x, chunk_size, initial_state=None):
-            # The tilelang kernel rotates dims (i, i + a) together where the pure scan rotates (2i, 2i + 1): the
-            # same model up to a fixed relabelling of state dims, applied to q, k and their biases here.
-            assert initial_state is None
-            n, a = q.shape[-1], angles.shape[-1]
-            order = torch.cat([torch.arange(0, 2 * a, 2), torch.arange(1, 2 * a, 2), torch.arange(2 * a, n)]).to(q.device)
-            h, r, p = v.shape[2], q.shape[2], v.shape[3]
-            ones = torch.ones(h, r, p, device=v.device, dtype=torch.float32)
-            o = mamba3_mimo(
-                q[..., order].contiguous(), k[..., order].contiguous(), v.contiguous(),
-                adt.float().transpose(1, 2).contiguous(), dt.float().transpose(1, 2).contiguous(),
-                trap.transpose(1, 2).contiguous(), q_bias[..., order].float().contiguous(),
-                k_bias[..., order].float().contiguous(), (mimo_x.float()[..., None] * ones).contiguous(), ones, None,
-                angles.float()[:, :, None].expand(-1, -1, h, -1).contiguous(), D.float(), None, chunk_size,
-                n // (2 * a), v.dtype,
+        def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
+                       Z=None, chunk_size=16):
+            # The tilelang kernel turns dims (j, j + a) together where the pure scan turns (2j, 2j + 1): the same model
+            # up to a fixed relabelling of the state dims, applied here to q, k and their biases.
+            n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
+            order = torch.cat([torch.arange(0, 2 * a, 2), torch.arange(1, 2 * a, 2), torch.arange(2 * a, n)])
+            order = order.to(Q.device)
+            return mamba3_mimo(
+                Q[..., order].contiguous(), K[..., order].contiguous(), V.contiguous(), ADT.float().contiguous(),
+                DT.float().contiguous(), Trap.contiguous(), Q_bias[..., order].float().contiguous(),
+                K_bias[..., order].float().contiguous(), MIMO_V.float().contiguous(), MIMO_Z.float().contiguous(),
+                None if MIMO_O is None else MIMO_O.float().contiguous(),
+                Angles.float().expand(-1, -1, h, -1).contiguous(), None if D is None else D.float(),
+                None if Z is None else Z.contiguous(), chunk_size, n // (2 * a), V.dtype,
             )
-            return o.transpose(1, 2) if o.shape[1] != v.shape[1] else o, None  # (b, l, r, h, p)
 
-        found["mamba3_mimo"] = (fused_mamba3_mimo, "mamba3_mimo")
+        found["mimo"] = (fused_mimo, "mamba3_mimo")
     except Exception:
         pass
     return found
 
 
-def _random_scan_problem(kind, batch, length, heads, headdim, groups, d_state, rank, num_angles, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-    dt = F.softplus(rand(batch, length, heads) - 3)
+def _pure_ssd_with_dt(x, dt, A, B, C, chunk_size, D):
+    """ssd_scan in the fused kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
+    y, _ = ssd_scan(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size)
+    return y + x * D[:, None].to(x.dtype)
+
+
+def _random_scan_problem(kind, config, batch, length, device, dtype):
+    """Inputs of the model's shape (heads, dims, rank) with the ranges training sees, for the start-up check."""
+    c, gen = config, torch.Generator().manual_seed(0)
+    h, g, n, p, r, a = c.nheads, c.ngroups, c.d_state, c.headdim, c.mimo_rank, c.num_rope_angles
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    dt = F.softplus(rand(batch, length, h) - 3)
     if kind == "ssd":
-        return dict(
-            x=rand(batch, length, heads, headdim).to(dtype), dt=dt, A=-torch.rand(heads, generator=g).to(device) - 0.5,
-            B=rand(batch, length, groups, d_state).to(dtype), C=rand(batch, length, groups, d_state).to(dtype),
-            D=rand(heads),
-        )
-    qk_shape = (batch, length, groups, d_state) if rank == 1 else (batch, length, rank, groups, d_state)
-    bias_shape = (heads, d_state) if rank == 1 else (heads, rank, d_state)
-    problem = dict(
-        q=F.normalize(rand(*qk_shape), dim=-1).to(dtype) * 3, k=F.normalize(rand(*qk_shape), dim=-1).to(dtype) * 3,
-        v=rand(batch, length, heads, headdim).to(dtype), adt=-dt * (0.5 + torch.rand(batch, length, heads, generator=g).to(device)),
-        dt=dt, trap=rand(batch, length, heads), q_bias=1 + 0.1 * rand(*bias_shape), k_bias=1 + 0.1 * rand(*bias_shape),
-        angles=rand(batch, length, num_angles), D=rand(heads),
-    )
-    if rank > 1:
-        problem["mimo_x"] = 1 / rank + 0.1 * rand(heads, rank)
-    return problem
+        problem = dict(x=rand(batch, length, h, p), dt=dt, A=-torch.rand(h, generator=gen) - 0.5,
+                       B=rand(batch, length, g, n), C=rand(batch, length, g, n), D=rand(h))
+    else:
+        qk = (batch, length, g, n) if kind == "siso" else (batch, length, r, g, n)
+        bias = (h, n) if kind == "siso" else (h, r, n)
+        problem = dict(Q=F.normalize(rand(*qk), dim=-1) * 4, K=F.normalize(rand(*qk), dim=-1) * 4,
+                       V=rand(batch, length, h, p), ADT=-dt.transpose(1, 2) * (0.5 + torch.rand(batch, h, length, generator=gen)),
+                       DT=dt.transpose(1, 2), Trap=rand(batch, h, length), Q_bias=1 + 0.1 * rand(*bias),
+                       K_bias=1 + 0.1 * rand(*bias), Angles=rand(batch, length, 1, a), D=rand(h),
+                       Z=rand(batch, length, h, p))
+        if kind == "mimo":
+            problem.update(MIMO_V=1 / r + 0.1 * rand(h, r, p), MIMO_Z=1 + 0.1 * rand(h, r, p),
+                           MIMO_O=1 / r + 0.1 * rand(h, r, p))
+    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # what arrives in bf16 from the projections under autocast
+    return {key: value.to(device=device, dtype=dtype if key in low_precision else torch.float32)
+            for key, value in problem.items()}
 
 
-def _fused_matches_pure(kind, fused, pure, problem, chunk_size, tolerance=0.05):
-    """Forward and input gradients of the fused kernel against the pure scan (in float32) on one random problem."""
-    inputs = {key: value.detach().clone().requires_grad_(value.is_floating_point()) for key, value in problem.items()}
-    reference = {key: value.detach().float().clone().requires_grad_(value.is_floating_point()) for key, value in problem.items()}
-    y_fused, _ = fused(**inputs, chunk_size=chunk_size)
-    y_pure, _ = pure(**reference, chunk_size=chunk_size)
+def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
+    """(ok, detail): the fused kernel's output and input gradients against the pure scan's in float32, relative to
+    each tensor's largest magnitude."""
+    inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
+    reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
+    y_fused = fused(**inputs, chunk_size=chunk_size)
+    y_pure = pure(**reference, chunk_size=chunk_size)
+    y_pure = y_pure[0] if isinstance(y_pure, tuple) else y_pure
     probe = torch.randn_like(y_pure)
     (y_fused.float() * probe).sum().backward()
     (y_pure * probe).sum().backward()
-    worst = []
-    pairs = [("output", y_fused.float(), y_pure)] + [
-        (key, inputs[key].grad, reference[key].grad) for key in inputs if reference[key].grad is not None
-    ]
-    for name, got, want in pairs:
-        if got is None:
-            return False, f"{name}: no gradient from the kernel"
-        error = (got.float() - want).abs().max().item() / (want.abs().max().item() + 1e-6)
-        worst.append((error, name))
+    errors = [((y_fused.float() - y_pure).abs().max() / (y_pure.abs().max() + 1e-6)).item(), "output"]
+    worst = [tuple(errors)]
+    for key, value in inputs.items():
+        want = reference[key].grad
+        if want is None:
+            continue
+        if value.grad is None:
+            return False, f"no gradient for {key} from the kernel"
+        worst.append((((value.grad.float() - want).abs().max() / (want.abs().max() + 1e-6)).item(), f"d{key}"))
     error, name = max(worst)
-    return error <= tolerance, f"worst relative error {error:.3g} ({name})"
+    return error <= tolerance, f"worst relative error {error:.2g} ({name})"
 
 
 def choose_scan_backend(config, device):
-    """Select each scan's implementation for this run; returns the name for the summary (scan_backend)."""
-    kind = "ssd" if config.architecture == "mamba-2" else ("mamba3_siso" if config.mimo_rank == 1 else "mamba3_mimo")
-    slot = "ssd" if kind == "ssd" else "mamba3"
-    SCAN_BACKEND[slot] = "torch"
+    """Pick the scan implementation for this run and return its name for the summary (scan_backend)."""
+    FUSED.clear()
     if not (FUSED_KERNELS and device.type == "cuda"):
         return "torch"
-    fused = _import_fused_scans()
-    if kind not in fused:
-        print(f"scan backend: mamba_ssm kernel for {kind} not importable; using the pure-PyTorch scan")
+    kind = "ssd" if config.architecture == "mamba-2" else ("mimo" if config.is_mimo else "siso")
+    candidates = _fused_candidates()
+    if kind not in candidates:
+        print(f"scan backend: no mamba_ssm kernel for {kind} imports here; using the pure-PyTorch scan")
         return "torch"
-    function, name = fused[kind]
-    pure = {"ssd": ssd_scan, "mamba3_siso": mamba3_siso_scan, "mamba3_mimo": mamba3_mimo_scan}[kind]
-    problem = _random_scan_problem(
-        "ssd" if kind == "ssd" else "mamba3", 2, 4 * config.chunk_size, config.nheads, config.headdim, config.ngroups,
-        config.d_state, config.mimo_rank, config.num_rope_angles, device, torch.bfloat16,
-    )
+    fused, name = candidates[kind]
+    pure = {"ssd": _pure_ssd_with_dt, "siso": mamba3_siso_scan, "mimo": mamba3_mimo_scan}[kind]
+    problem = _random_scan_problem(kind, config, 2, 4 * config.chunk_size, device, torch.bfloat16)
     try:
-        ok, detail = _fused_matches_pure(kind, function, pure, problem, config.chunk_size)
-    except Exception as e:  # unsupported shape, compilation failure, ...
+        ok, detail = fused_matches_pure(fused, pure, problem, config.chunk_size)
+    except Exception as e:  # an unsupported shape, a kernel compile failure, ...
         ok, detail = False, f"{type(e).__name__}: {e}"
     if not ok:
         print(f"scan backend: mamba_ssm {name} disagrees with the pure scan ({detail}); using the pure-PyTorch scan")
         return "torch"
     print(f"scan backend: mamba_ssm {name} ({detail} against the pure scan)")
-    FUSED_SCANS[slot] = function
-    SCAN_BACKEND[slot] = "fused"
-    return f"mamba_ssm:{name}"
-
-
-def run_scan(slot, pure, *args, **kwargs):
-    """Call the pure scan, or the fused kernel chosen for this slot (training/evaluation forward, no carried state)."""
-    if SCAN_BACKEND[slot] == "fused" and kwargs.get("initial_state") is None:
-        return FUSED_SCANS[slot](*args, **kwargs)
-    return pure(*args, **kwargs)
+    FUSED[config.architecture] = fused
+    return f"mamba_ssm.{name}"
 
 
 # =====================================================================================================================
-# Model
+# Model (parameter names and shapes as in train_mamba_3_mlx.py, so weights convert by name)
 # =====================================================================================================================
 
 
-class ModelConfig:
-    def __init__(self, vocab_size, architecture=None, mimo_rank=None, depth=None, d_model=None, d_state=None,
-                 headdim=None, expand=None, ngroups=None, d_conv=None, chunk_size=None, rope_fraction=None,
-                 a_floor=None, outproj_norm=None, dt_min=None, dt_max=None, dt_init_floor=None, tie_embeddings=None):
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        self.vocab_size = vocab_size
-        self.architecture = pick(architecture, ARCHITECTURE)
-        if self.architecture not in ("mamba-2", "mamba-3"):
-            raise ValueError(f"ARCHITECTURE must be 'mamba-2' or 'mamba-3', got {self.architecture!r}")
-        self.mimo_rank = pick(mimo_rank, MIMO_RANK) if self.architecture == "mamba-3" else 1
-        self.depth = pick(depth, DEPTH)
-        self.d_model = pick(d_model, D_MODEL)
-        self.d_state = pick(d_state, D_STATE)
-        self.headdim = pick(headdim, HEADDIM)
-        self.expand = pick(expand, EXPAND)
-        self.ngroups = pick(ngroups, NGROUPS)
-        self.d_conv = pick(d_conv, D_CONV)
-        self.chunk_size = pick(chunk_size, CHUNK_SIZE)
-        self.rope_fraction = pick(rope_fraction, ROPE_FRACTION)
-        self.a_floor = pick(a_floor, A_FLOOR)
-        self.outproj_norm = pick(outproj_norm, OUTPROJ_NORM)
-        self.dt_min, self.dt_max = pick(dt_min, DT_MIN), pick(dt_max, DT_MAX)
-        self.dt_init_floor = pick(dt_init_floor, DT_INIT_FLOOR)
-        self.tie_embeddings = pick(tie_embeddings, TIE_EMBEDDINGS)
-        self.d_inner = self.expand * self.d_model
-        if self.d_inner % self.headdim:
-            raise ValueError(f"EXPAND * D_MODEL ({self.d_inner}) must be a multiple of HEADDIM ({self.headdim})")
-        self.nheads = self.d_inner // self.headdim
-        if self.nheads % self.ngroups:
-            raise ValueError(f"heads ({self.nheads}) must be a multiple of NGROUPS ({self.ngroups})")
-        rotated_dims = int(self.d_state * self.rope_fraction) // 2 * 2  # rounded down to even
-        self.num_rope_angles = max(1, rotated_dims // 2)
+def inverse_softplus(y):
+    return y + torch.log(-torch.expm1(-y))  # softplus(inverse_softplus(y)) = y for y > 0
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim (or over groups of it), computed in float32."""
+def init_dt_bias(nheads, dt_min, dt_max, dt_init_floor):
+    """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor (upstream)."""
+    log_dt = torch.empty(nheads).uniform_(math.log(dt_min), math.log(dt_max))
+    return inverse_softplus(torch.clamp(torch.exp(log_dt), min=dt_init_floor))
 
-    def __init__(self, dim, eps=1e-5, group_size=None):
+
+def rms_norm(x, weight=None, eps=1e-5):
+    """RMSNorm over the last dim, computed in float32, returned in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
+def linear(in_features, out_features):
+    """A bias-free projection with MLX's default init, uniform(+-1/sqrt(in_features)) (torch's default too)."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time with bias: out_t = bias + sum_k weight[k] * x_{t-K+1+k}. weight (K, channels) as
+    in the MLX script; K shifted multiply-adds, which torch.compile fuses into one kernel (depthwise convolutions
+    with one group per channel are slow in cuDNN). Init uniform(+-1/sqrt(K)) for weight and bias."""
+
+    def __init__(self, channels, kernel_size):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.group_size = group_size or dim
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.weight = nn.Parameter(torch.empty(kernel_size, channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float().unflatten(-1, (-1, self.group_size))
-        x = F.rms_norm(x, (self.group_size,), eps=self.eps).flatten(-2)
-        return (x * self.weight).to(dtype)
+    def forward(self, x):  # x (b, l, c)
+        K, l = self.weight.shape[0], x.shape[1]
+        w = self.weight.to(x.dtype)
+        x = F.pad(x, (0, 0, K - 1, 0))
+        out = self.bias.to(x.dtype) + w[K - 1] * x[:, K - 1 :]
+        for k in range(K - 1):
+            out = out + w[k] * x[:, k : k + l]
+        return out
 
-
-def dt_bias_init(nheads, dt_min, dt_max, dt_floor):
-    """Inverse softplus of dt ~ log-uniform in [dt_min, dt_max], floored: softplus(dt_bias) starts at that dt."""
-    dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = torch.clamp(dt, min=dt_floor)
-    return dt + torch.log(-torch.expm1(-dt))
+    def step(self, x, conv_state):  # x (b, c), conv_state (b, K-1, c): the previous K-1 inputs
+        window = torch.cat([conv_state, x[:, None]], dim=1)  # (b, K, c)
+        out = self.bias + (window * self.weight).sum(dim=1)
+        return out.to(x.dtype), window[:, 1:]
 
 
 class Mamba2(nn.Module):
-    """Mamba-2 block: in_proj -> causal depthwise conv + SiLU on (x, B, C) -> SSD scan -> gated RMSNorm -> out_proj."""
+    """in_proj -> [z | xBC | dt], causal depthwise conv + SiLU on xBC, SSD scan with skip D, grouped RMSNorm of
+    y * silu(z) (gate first, then norm), out_proj."""
 
-    def __init__(self, config):
+    def __init__(self, d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, dt_min, dt_max, dt_init_floor):
         super().__init__()
-        self.config = config
-        c = config
-        self.conv_dim = c.d_inner + 2 * c.ngroups * c.d_state
-        self.in_proj = nn.Linear(c.d_model, c.d_inner + self.conv_dim + c.nheads, bias=False)  # [z, xBC, dt]
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.d_conv, groups=self.conv_dim, padding=c.d_conv - 1)
-        self.dt_bias = nn.Parameter(dt_bias_init(c.nheads, c.dt_min, c.dt_max, c.dt_init_floor))
-        self.A_log = nn.Parameter(torch.log(torch.empty(c.nheads).uniform_(1, 16)))
-        self.D = nn.Parameter(torch.ones(c.nheads))
-        self.norm = RMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.d_inner = expand * d_model
+        assert self.d_inner % headdim == 0, "expand * d_model must be a multiple of headdim"
+        self.nheads = self.d_inner // headdim
+        assert self.nheads % ngroups == 0, "heads must split evenly into groups"
+        self.headdim, self.d_state, self.ngroups, self.chunk_size = headdim, d_state, ngroups, chunk_size
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state  # x, B, C go through the conv together
+        self.in_proj = linear(d_model, self.d_inner + self.conv_dim + self.nheads)  # z | xBC | dt
+        self.conv = CausalConv1d(self.conv_dim, d_conv)
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1.0, 16.0)))  # A = -exp(A_log)
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = linear(self.d_inner, d_model)
 
     def _split(self, zxbcdt):
-        c = self.config
-        return torch.split(zxbcdt, [c.d_inner, self.conv_dim, c.nheads], dim=-1)
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
-    def _mix(self, xBC, dt):
-        """(conv output after SiLU, raw dt) -> scan inputs."""
-        c = self.config
-        x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        x = x.unflatten(-1, (c.nheads, c.headdim))
-        B, C = B.unflatten(-1, (c.ngroups, c.d_state)), C.unflatten(-1, (c.ngroups, c.d_state))
+    def _scan_inputs(self, xBC, dt):
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B, C = B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state))
         dt = F.softplus(dt.float() + self.dt_bias)
-        A = -torch.exp(self.A_log.float())
-        return x, dt, A, B, C
+        return x, dt, -torch.exp(self.A_log.float()), B, C
 
-    def forward(self, u, initial_state=None, return_state=False):
-        c = self.config
-        l = u.shape[1]
-        z, xBC, dt = self._split(self.in_proj(u))
-        conv_input = xBC.transpose(1, 2)
-        xBC = F.silu(self.conv1d(conv_input)[..., :l].transpose(1, 2))
-        x, dt, A, B, C = self._mix(xBC, dt)
-        y, ssm_state = run_scan("ssd", ssd_scan, x, dt, A, B, C, c.chunk_size, D=self.D, initial_state=initial_state)
-        y = self.norm(y.flatten(-2) * F.silu(z))
-        out = self.out_proj(y)
+    def _output(self, y, z):
+        """Grouped gated RMSNorm (norm after gate, one group per B/C group, as upstream), then out_proj."""
+        y = (y * F.silu(z)).unflatten(-1, (self.ngroups, -1))
+        y = rms_norm(y).flatten(-2) * self.norm_weight.to(y.dtype)
+        return self.out_proj(y)
+
+    def forward(self, u, initial_states=None, return_state=False):  # u (b, l, d_model) -> (b, l, d_model)
+        z, xBC_in, dt = self._split(self.in_proj(u))
+        K = self.conv.weight.shape[0]
+        if initial_states is None:
+            conv_in, conv_out = xBC_in, self.conv(xBC_in)
+        else:  # continue after a carried conv window: run the conv over [window, inputs], keep the new positions
+            conv_in = torch.cat([initial_states[0].to(xBC_in.dtype), xBC_in], dim=1)
+            conv_out = self.conv(conv_in)[:, K - 1 :]
+        x, dt, A, B, C = self._scan_inputs(F.silu(conv_out), dt)
+        if "mamba-2" in FUSED and initial_states is None and not return_state:
+            y = FUSED["mamba-2"](x, dt, A, B, C, self.chunk_size, self.D)
+        else:
+            y, ssm_state = ssd_scan(x * dt[..., None].to(x.dtype), A * dt, B, C, self.chunk_size,
+                                    None if initial_states is None else initial_states[1])
+            y = y + x * self.D[:, None].to(x.dtype)
+        out = self._output(y.flatten(-2), z)
         if not return_state:
             return out
-        conv_state = F.pad(conv_input, (c.d_conv - 1, 0))[..., -(c.d_conv - 1):] if c.d_conv > 1 else conv_input[..., :0]
+        conv_state = F.pad(conv_in, (0, 0, K - 1, 0))[:, conv_in.shape[1] :]  # the last K-1 inputs
+        conv_state = conv_state.to(accumulation_dtype(conv_in.dtype))
         return out, (conv_state, ssm_state)
 
-    def empty_state(self, batch, device):
-        c = self.config
-        return (torch.zeros(batch, self.conv_dim, c.d_conv - 1, device=device),
-                torch.zeros(batch, c.nheads, c.headdim, c.d_state, device=device))
+    def init_state(self, batch_size, device=None):
+        K = self.conv.weight.shape[0]
+        return (torch.zeros(batch_size, K - 1, self.conv_dim, device=device),
+                torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device))
 
-    def step(self, u, state):
-        """One token: u (b, d_model), state = (conv_state (b, conv_dim, d_conv - 1), ssm_state (b, h, p, n))."""
+    def step(self, u, state):  # u (b, d_model) -> (y (b, d_model), state): one token of recurrent decode
         conv_state, ssm_state = state
         z, xBC, dt = self._split(self.in_proj(u))
-        window = torch.cat([conv_state, xBC[..., None]], dim=-1)  # (b, conv_dim, d_conv)
-        xBC = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-        x, dt, A, B, C = self._mix(xBC, dt)
-        y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C, D=self.D)
-        y = self.norm(y.flatten(-2) * F.silu(z))
-        return self.out_proj(y), (window[..., 1:], ssm_state)
+        xBC, conv_state = self.conv.step(xBC, conv_state)
+        x, dt, A, B, C = self._scan_inputs(F.silu(xBC), dt)
+        y, ssm_state = ssd_step(x * dt[..., None].to(x.dtype), A * dt, B, C, ssm_state)
+        y = y + x * self.D[:, None].to(x.dtype)
+        return self._output(y.flatten(-2), z), (conv_state, ssm_state)
+
+    def scan_flops_per_token(self):
+        """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script: per group,
+        C.B scores 2*Q*n; per head, the masked product with X 2*Q*p, the chunk state 2*p*n, the carried-state read 2*p*n."""
+        Q, n, p = self.chunk_size, self.d_state, self.headdim
+        return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
+
+
+def heavy_tail(u):
+    """f(u) = 1 + u for u >= 0, 1 / (1 - u) for u < 0, as (1 + relu(u)) / (1 + relu(-u)): one expression, so neither
+    branch can put an inf into the other's gradient."""
+    return (1 + F.relu(u)) / (1 + F.relu(-u))
 
 
 class Mamba3(nn.Module):
-    """Mamba-3 block (SISO, or MIMO of rank r): in_proj -> RMSNorm + bias on B, C -> rotated exponential-trapezoidal
-    scan -> y * silu(z) (or grouped gated RMSNorm) [MIMO: per-rank gates, summed by mimo_o] -> out_proj."""
+    """in_proj -> [z, x, B, C, dd_dt, dd_A, trap, angles]; RMSNorm of B and C over n plus per-head (and per-rank)
+    biases; dt = softplus(dd_dt + dt_bias); A = min(-f(dd_A), -a_floor); the rotated exponential-trapezoidal scan with
+    skip D; y * silu(z) (or a per-head RMSNorm before the gate with is_outproj_norm); out_proj. MIMO (rank r) projects
+    x and z up per rank with mimo_x, mimo_z and the per-rank outputs down with mimo_o. No conv."""
 
-    def __init__(self, config):
+    def __init__(self, d_model, d_state=128, headdim=64, expand=2, ngroups=1, rope_fraction=0.5, a_floor=1e-4,
+                 is_mimo=False, mimo_rank=4, is_outproj_norm=False, chunk_size=None, dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4):
         super().__init__()
-        self.config = config
-        c = config
-        r, bc = c.mimo_rank, c.mimo_rank * c.ngroups * c.d_state
-        # in_proj order: [z, x, B, C, dd_dt, dd_A, trap, angles]
-        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * bc + 3 * c.nheads + c.num_rope_angles, bias=False)
-        self.dt_bias = nn.Parameter(dt_bias_init(c.nheads, c.dt_min, c.dt_max, c.dt_init_floor))
-        self.B_norm = RMSNorm(c.d_state)
-        self.C_norm = RMSNorm(c.d_state)
-        self.B_bias = nn.Parameter(torch.ones(c.nheads, r, c.d_state))
-        self.C_bias = nn.Parameter(torch.ones(c.nheads, r, c.d_state))
-        self.D = nn.Parameter(torch.ones(c.nheads))
-        if r > 1:
-            self.mimo_x = nn.Parameter(torch.full((c.nheads, r), 1.0 / r))
-            self.mimo_z = nn.Parameter(torch.ones(c.nheads, r))
-            self.mimo_o = nn.Parameter(torch.full((c.nheads, r), 1.0 / r))
-        if c.outproj_norm:
-            self.norm = RMSNorm(c.d_inner, group_size=c.headdim)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.d_inner = int(expand * d_model)
+        assert self.d_inner % headdim == 0, "expand * d_model must be a multiple of headdim"
+        self.nheads = self.d_inner // headdim
+        assert self.nheads % ngroups == 0, "heads must split evenly into groups"
+        self.headdim, self.d_state, self.ngroups = headdim, d_state, ngroups
+        self.is_mimo, self.is_outproj_norm, self.a_floor = is_mimo, is_outproj_norm, a_floor
+        self.mimo_rank = mimo_rank if is_mimo else 1
+        self.chunk_size = chunk_size if chunk_size is not None else max(1, 64 // self.mimo_rank)
+        rotary_dims = int(d_state * rope_fraction)
+        rotary_dims -= rotary_dims % 2
+        self.num_rope_angles = rotary_dims // 2
+        assert self.num_rope_angles > 0, "rope_fraction * d_state must give at least one rotary pair"
+        r, h, n = self.mimo_rank, self.nheads, d_state
+        bc_dim = r * ngroups * n
+        self.split_sizes = [self.d_inner, self.d_inner, bc_dim, bc_dim, h, h, h, self.num_rope_angles]
+        self.in_proj = linear(d_model, sum(self.split_sizes))  # z | x | B | C | dd_dt | dd_A | trap | angles
+        self.dt_bias = nn.Parameter(init_dt_bias(h, dt_min, dt_max, dt_init_floor))
+        self.B_bias = nn.Parameter(torch.ones(h, r, n))  # per-head, per-rank biases after the B/C norms (init 1)
+        self.C_bias = nn.Parameter(torch.ones(h, r, n))
+        self.B_norm_weight = nn.Parameter(torch.ones(n))
+        self.C_norm_weight = nn.Parameter(torch.ones(n))
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.ones(h, r, headdim) / r)
+            self.mimo_z = nn.Parameter(torch.ones(h, r, headdim))
+            self.mimo_o = nn.Parameter(torch.ones(h, r, headdim) / r)
+        self.D = nn.Parameter(torch.ones(h))
+        if is_outproj_norm:
+            self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = linear(self.d_inner, d_model)
 
-    def _inputs(self, u):
-        """in_proj and everything up to the scan; works for (b, l, d) and (b, d)."""
-        c = self.config
-        r, bc = c.mimo_rank, c.mimo_rank * c.ngroups * c.d_state
-        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
-            self.in_proj(u), [c.d_inner, c.d_inner, bc, bc, c.nheads, c.nheads, c.nheads, c.num_rope_angles], dim=-1
-        )
-        z = z.unflatten(-1, (c.nheads, c.headdim))
-        x = x.unflatten(-1, (c.nheads, c.headdim))
-        B = self.B_norm(B.unflatten(-1, (r, c.ngroups, c.d_state)))
-        C = self.C_norm(C.unflatten(-1, (r, c.ngroups, c.d_state)))
-        dt = F.softplus(dd_dt.float() + self.dt_bias)
-        adt = mamba3_decay_rate(dd_A, c.a_floor) * dt
-        return z, x, B, C, adt, dt, trap, angles
+    def _project(self, u):
+        """u (b, l, d_model) -> the scan's inputs (all but the parameters) and the gate z (b, l, h, p)."""
+        b, l, _ = u.shape
+        r, g, h, n, p = self.mimo_rank, self.ngroups, self.nheads, self.d_state, self.headdim
+        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(self.in_proj(u), self.split_sizes, dim=-1)
+        B = rms_norm(B.reshape(b, l, r, g, n), self.B_norm_weight)
+        C = rms_norm(C.reshape(b, l, r, g, n), self.C_norm_weight)
+        if not self.is_mimo:
+            B, C = B[:, :, 0], C[:, :, 0]
+        A = torch.clamp(-heavy_tail(dd_A.float()), max=-self.a_floor)
+        DT = F.softplus(dd_dt.float() + self.dt_bias)
+        inputs = dict(Q=C, K=B, V=x.reshape(b, l, h, p), ADT=(A * DT).transpose(1, 2), DT=DT.transpose(1, 2),
+                      Trap=trap.float().transpose(1, 2), Angles=angles.float()[:, :, None])
+        return inputs, z.reshape(b, l, h, p)
 
-    def _output(self, o, z):
-        """Per-rank scan outputs o (..., r, h, p) and the gate z (..., h, p) -> out_proj input (..., d_inner)."""
-        c = self.config
-        if c.mimo_rank == 1:
-            y = o.squeeze(-3)
-            if c.outproj_norm:
-                y = (self.norm(y.flatten(-2)) * F.silu(z.flatten(-2))).unflatten(-1, (c.nheads, c.headdim))
-            else:
-                y = y * F.silu(z)
+    def _mimo_weights(self, gate_in_scan):
+        return dict(MIMO_V=self.mimo_x, MIMO_Z=self.mimo_z, MIMO_O=self.mimo_o if gate_in_scan else None)
+
+    def _gate_and_norm(self, y, z):
+        """With is_outproj_norm: a per-head RMSNorm with its own gate (per rank for MIMO, then mimo_o down)."""
+        weight = self.norm_weight.reshape(self.nheads, self.headdim)
+        if self.is_mimo:
+            z_ranks = z.unsqueeze(-3) * self.mimo_z.transpose(0, 1).to(z.dtype)  # (..., r, h, p)
+            y = rms_norm(y.float()) * weight * F.silu(z_ranks.float())
+            return (y * self.mimo_o.transpose(0, 1)).sum(dim=-3)
+        return rms_norm(y.float()) * weight * F.silu(z.float())
+
+    def _scan(self, inputs, z, initial_states):
+        """The scan plus the output gate/norm: -> (y (b, l, d_inner), final states)."""
+        b, l = z.shape[:2]
+        gate_in_scan = not self.is_outproj_norm
+        kwargs = dict(D=self.D, Z=z if gate_in_scan else None)
+        if self.is_mimo:
+            kwargs.update(self._mimo_weights(gate_in_scan), Q_bias=self.C_bias, K_bias=self.B_bias)
+            pure = mamba3_mimo_scan
         else:
-            z_ranks = z.unsqueeze(-3) * self.mimo_z.transpose(0, 1)[..., None].to(z.dtype)  # (..., r, h, p)
-            if c.outproj_norm:
-                o = self.norm(o.flatten(-2)).unflatten(-1, (c.nheads, c.headdim))
-            y = (o * F.silu(z_ranks) * self.mimo_o.transpose(0, 1)[..., None].to(o.dtype)).sum(-3)
-        return y.flatten(-2)
-
-    def forward(self, u, initial_state=None, return_state=False):
-        c = self.config
-        z, x, B, C, adt, dt, trap, angles = self._inputs(u)
-        if c.mimo_rank == 1:
-            y, state = run_scan("mamba3", mamba3_siso_scan, C[:, :, 0], B[:, :, 0], x, adt, dt, trap,
-                                self.C_bias[:, 0], self.B_bias[:, 0], angles, self.D, c.chunk_size,
-                                initial_state=initial_state)
-            o = y[:, :, None]
+            kwargs.update(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
+            pure = mamba3_siso_scan
+        if "mamba-3" in FUSED and initial_states is None:
+            y, states = FUSED["mamba-3"](**inputs, **kwargs, chunk_size=self.chunk_size), None
         else:
-            o, state = run_scan("mamba3", mamba3_mimo_scan, C, B, x, adt, dt, trap, self.C_bias, self.B_bias, angles,
-                                self.D, self.mimo_x, c.chunk_size, initial_state=initial_state)
-        out = self.out_proj(self._output(o, z))
-        return (out, state) if return_state else out
+            y, states = pure(**inputs, **kwargs, initial_states=initial_states, chunk_size=self.chunk_size)
+        if self.is_outproj_norm:
+            y = self._gate_and_norm(y, z)
+        return y.reshape(b, l, self.d_inner).to(z.dtype), states
 
-    def empty_state(self, batch, device):
-        c = self.config
-        k_last = torch.zeros(batch, c.nheads, c.d_state, device=device)
-        if c.mimo_rank > 1:
-            k_last = torch.zeros(batch, c.mimo_rank, c.nheads, c.d_state, device=device)
-        return (torch.zeros(batch, c.nheads, c.num_rope_angles, device=device),
-                torch.zeros(batch, c.nheads, c.headdim, c.d_state, device=device),
-                k_last, torch.zeros(batch, c.nheads, c.headdim, device=device))
+    def forward(self, u, initial_states=None, return_state=False):  # u (b, l, d_model) -> (b, l, d_model)
+        inputs, z = self._project(u)
+        y, states = self._scan(inputs, z, initial_states)
+        return (self.out_proj(y), states) if return_state else self.out_proj(y)
 
-    def step(self, u, state):
-        """One token: u (b, d_model), state = (theta, S, k_last, v_last) as returned by forward(return_state=True)."""
-        c = self.config
-        z, x, B, C, adt, dt, trap, angles = self._inputs(u)
-        if c.mimo_rank == 1:
-            y, state = mamba3_siso_step(state, C[:, 0], B[:, 0], x, adt, dt, trap, self.C_bias[:, 0],
-                                        self.B_bias[:, 0], angles, self.D)
-            o = y[:, None]
+    def init_state(self, batch_size, device=None):
+        """(angle (b h a), S (b h p n), last rotated k (b h n) or (b r h n) for MIMO, last x (b h p)), float32."""
+        h, n, p = self.nheads, self.d_state, self.headdim
+        k_shape = (batch_size, h, n) if not self.is_mimo else (batch_size, self.mimo_rank, h, n)
+        return (torch.zeros(batch_size, h, self.num_rope_angles, device=device),
+                torch.zeros(batch_size, h, p, n, device=device), torch.zeros(k_shape, device=device),
+                torch.zeros(batch_size, h, p, device=device))
+
+    def step(self, u, state):  # u (b, d_model) -> (y (b, d_model), state): one token of recurrent decode
+        inputs, z = self._project(u[:, None])
+        token = {name: value[:, :, 0] if name in ("ADT", "DT", "Trap") else value[:, 0] for name, value in inputs.items()}
+        z = z[:, 0]
+        gate_in_step = not self.is_outproj_norm
+        kwargs = dict(D=self.D, Z=z if gate_in_step else None, state=state)
+        if self.is_mimo:
+            y, state = mamba3_mimo_step(**token, **kwargs, **self._mimo_weights(gate_in_step), Q_bias=self.C_bias,
+                                        K_bias=self.B_bias)
         else:
-            o, state = mamba3_mimo_step(state, C, B, x, adt, dt, trap, self.C_bias, self.B_bias, angles, self.D,
-                                        self.mimo_x)
-        return self.out_proj(self._output(o, z)), state
+            y, state = mamba3_siso_step(**token, **kwargs, Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
+        if self.is_outproj_norm:
+            y = self._gate_and_norm(y, z)
+        return self.out_proj(y.reshape(u.shape[0], self.d_inner).to(u.dtype)), state
 
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(RMSNorm(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.norm = RMSNorm(config.d_model)
-        self.mixer = Mamba2(config) if config.architecture == "mamba-2" else Mamba3(config)
-
-    def forward(self, x, initial_state=None, return_state=False):
-        if not return_state:
-            return x + self.mixer(self.norm(x))
-        out, state = self.mixer(self.norm(x), initial_state, return_state=True)
-        return x + out, state
-
-    def step(self, x, state):
-        out, state = self.mixer.step(self.norm(x), state)
-        return x + out, state
-
-
-class MambaLM(nn.Module):
-    """Token embedding -> DEPTH Mamba blocks -> RMSNorm -> lm_head. model(ids) -> logits (float32);
-    model(ids, targets) -> mean cross-entropy. On CUDA the forward runs under bf16 autocast by itself, so the harness
-    (which just calls model(ids)) scores the same computation that trained."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList([Block(config) for _ in range(config.depth)])
-        self.norm_f = RMSNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.autocast_dtype = None  # torch.bfloat16 on CUDA (set by main), None: the parameters' dtype
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self):
-        """Embedding N(0, 0.02); projections U(+-1/sqrt(fan_in)); out_proj scaled by 1/sqrt(depth) so the residual
-        stream does not grow with depth; lm_head tied to the embedding (or N(0, 0.02) when untied)."""
-        nn.init.normal_(self.embedding.weight, std=0.02)
-        for block in self.layers:
-            for linear in (block.mixer.in_proj, block.mixer.out_proj):
-                bound = 1 / math.sqrt(linear.in_features)
-                nn.init.uniform_(linear.weight, -bound, bound)
-            block.mixer.out_proj.weight /= math.sqrt(self.config.depth)
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.embedding.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, std=0.02)
-
-    def _autocast(self, device_type):
-        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
-
-    def forward(self, input_ids, targets=None):
-        with self._autocast(input_ids.device.type):
-            x = self.embedding(input_ids)
-            for block in self.layers:
-                x = block(x)
-            logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits.float()
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long())
-
-    # --- inference with a cache: prefill the prompt with the chunked scans, then one step per token ---
-
-    def prefill(self, input_ids):
-        """Logits of the last position (b, V) and every layer's carried state after input_ids (b, l)."""
-        with self._autocast(input_ids.device.type):
-            x = self.embedding(input_ids)
-            states = []
-            for block in self.layers:
-                x, state = block(x, return_state=True)
-                states.append(state)
-            return self.lm_head(self.norm_f(x[:, -1])).float(), states
-
-    def step(self, token_ids, states):
-        """One token per row: token_ids (b,) -> logits (b, V) and the updated states."""
-        with self._autocast(token_ids.device.type):
-            x = self.embedding(token_ids)
-            new_states = []
-            for block, state in zip(self.layers, states):
-                x, state = block.step(x, state)
-                new_states.append(state)
-            return self.lm_head(self.norm_f(x)).float(), new_states
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens after input_ids (b, l); temperature 0 = greedy. Returns (b, max_new_tokens)."""
-        logits, states = self.prefill(input_ids)
-        out = []
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-            out.append(token)
-            logits, states = self.step(token, states)
-        return torch.stack(out, dim=1)
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())  # tied weights counted once (parameters() deduplicates)
-
-
-def estimate_flops_per_token(config):
-    """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul weight (projections and lm_head)
-    plus the chunked scan's matmuls, counted per token for chunk Q, rank r, heads h, groups g:
-    forward 2 Q r^2 n per group (q.k scores) + h (2 Q r^2 p (mixing @ v) + 4 r p n (chunk states, state reads))."""
-    c = config
-    bc = c.mimo_rank * c.ngroups * c.d_state
-    if c.architecture == "mamba-2":
-        in_features = c.d_inner + (c.d_inner + 2 * c.ngroups * c.d_state) + c.nheads
-    else:
-        in_features = 2 * c.d_inner + 2 * bc + 3 * c.nheads + c.num_rope_angles
-    projection_weights = c.d_model * in_features + c.d_inner * c.d_model
-    Q, r, n, p = c.chunk_size, c.mimo_rank, c.d_state, c.headdim
-    scan_forward = 2 * Q * r * r * n * c.ngroups + c.nheads * (2 * Q * r * r * p + 4 * r * p * n)
-    return 6 * (c.depth * projection_weights + c.d_model * c.vocab_size) + 3 * c.depth * scan_forward
+    def scan_flops_per_token(self):
+        """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script, per head:
+        scores 2*c*r*r*n, the masked product with v 2*c*r*r*p, the chunk state 2*r*p*n, the carried-state read 2*r*p*n."""
+        c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
+        return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Converting parameters from train_mamba_3_mlx.py (same names; layouts differ only for the conv weight)
+# The language model: a tied token embedding, DEPTH pre-norm residual blocks x = x + mixer(norm(x)) (with MLP_EXPAND > 0
+# also x = x + mlp(norm(x))), a final RMSNorm, logits against the embedding matrix.
 
 
-def load_numpy_parameters(model, arrays):
-    """Copy a flat {name: numpy array} (e.g. mlx.utils.tree_flatten of the MLX model's parameters, as numpy) into
-    `model`. Names must match exactly, every parameter must be given, and shapes must agree up to the conv layout
-    (MLX Conv1d stores (channels, width, 1), PyTorch (channels, 1, width))."""
-    state = model.state_dict()
-    missing = [name for name in state if name not in arrays and not _is_tied_alias(model, name)]
-    unknown = [name for name in arrays if name not in state]
+@dataclass
+class ModelConfig:
+    architecture: str = ARCHITECTURE
+    vocab_size: int = prepare.VOCAB_SIZE
+    depth: int = DEPTH
+    d_model: int = D_MODEL
+    d_state: int = D_STATE
+    headdim: int = HEADDIM
+    expand: int = EXPAND
+    ngroups: int = NGROUPS
+    d_conv: int = D_CONV
+    chunk_size: int = CHUNK_SIZE
+    dt_min: float = DT_MIN
+    dt_max: float = DT_MAX
+    dt_init_floor: float = DT_INIT_FLOOR
+    a_floor: float = A_FLOOR
+    rope_fraction: float = ROPE_FRACTION
+    is_mimo: bool = IS_MIMO
+    mimo_rank: int = MIMO_RANK
+    is_outproj_norm: bool = IS_OUTPROJ_NORM
+    mlp_expand: int = MLP_EXPAND
+
+
+def make_mixer(c):
+    if c.architecture == "mamba-2":
+        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size,
+                      c.dt_min, c.dt_max, c.dt_init_floor)
+    if c.architecture == "mamba-3":
+        return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,
+                      c.mimo_rank, c.is_outproj_norm, c.chunk_size, c.dt_min, c.dt_max, c.dt_init_floor)
+    raise ValueError(f"Unknown ARCHITECTURE {c.architecture!r}: use 'mamba-3' or 'mamba-2'.")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dims))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: fc2(h * silu(gate)) with [h | gate] = fc1(x)."""
+
+    def __init__(self, d_model, hidden):
+        super().__init__()
+        self.fc1 = linear(d_model, 2 * hidden)
+        self.fc2 = linear(hidden, d_model)
+
+    def forward(self, x):
+        h, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(h * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model)
+        self.mixer = make_mixer(config)
+        if config.mlp_expand > 0:
+            self.mlp_norm = RMSNorm(config.d_model)
+            self.mlp = GatedMLP(config.d_model, config.mlp_expand * config.d_model)
+
+    def _mlp(self, x):
+        return x + self.mlp(self.mlp_norm(x)) if hasattr(self, "mlp") else x
+
+    def forward(self, x, initial_states=None, return_state=False):
+        if not return_state:
+            return self._mlp(x + self.mixer(self.norm(x)))
+        y, state = self.mixer(self.norm(x), initial_states, return_state=True)
+        return self._mlp(x + y), state
+
+    def step(self, x, state):
+        y, state = self.mixer.step(self.norm(x), state)
+        return self._mlp(x + y), state
+
+
+class MambaLM(nn.Module):
+    """model(ids) -> logits (b, l, vocab) float32; model(ids, targets) -> mean cross-entropy. The forward enters the
+    autocast itself (bf16 on CUDA), so the harness, which just calls model(ids), scores what was trained."""
+
+    def __init__(self, config, compute_dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype  # float32, or bfloat16 = autocast
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        self.norm_f = RMSNorm(config.d_model)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """Upstream (mamba_ssm) init, as the MLX script: embedding N(0, 0.02); linear layers keep uniform(+-1/sqrt(fan_in));
+        the projections that write into the residual stream (out_proj, fc2) are scaled by 1/sqrt(residual writes per
+        layer * depth) so the stream's variance does not grow with depth. The mixers initialise their own A, dt, D."""
+        nn.init.normal_(self.embed.weight, std=0.02)
+        writes = self.config.depth * (2 if self.config.mlp_expand > 0 else 1)
+        for layer in self.layers:
+            residual_writers = [layer.mixer.out_proj] + ([layer.mlp.fc2] if hasattr(layer, "mlp") else [])
+            for proj in residual_writers:
+                proj.weight /= math.sqrt(writes)
+
+    def _autocast(self, device):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(device.type, dtype=self.compute_dtype if enabled else torch.bfloat16, enabled=enabled)
+
+    def _logits(self, x):
+        return self.norm_f(x) @ self.embed.weight.to(x.dtype).T  # tied unembedding
+
+    def forward(self, input_ids, targets=None):  # (b, l) int -> logits (b, l, vocab) float32, or the loss
+        with self._autocast(input_ids.device):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = layer(x)
+            logits = self._logits(x).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
+
+    def init_cache(self, batch_size, device=None):
+        return [layer.mixer.init_state(batch_size, device) for layer in self.layers]
+
+    def prefill(self, input_ids, cache=None):
+        """Chunked forward over a prompt (b, l) from `cache` (or fresh states): (last logits (b, vocab), cache)."""
+        with self._autocast(input_ids.device):
+            x = self.embed(input_ids)
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, state = layer(x, None if cache is None else cache[i], return_state=True)
+                new_cache.append(state)
+            return self._logits(x[:, -1]).float(), new_cache
+
+    def step(self, token_ids, cache):  # (b,) int -> (logits (b, vocab), cache): one token, recurrent
+        with self._autocast(token_ids.device):
+            x = self.embed(token_ids)
+            new_cache = []
+            for layer, state in zip(self.layers, cache):
+                x, state = layer.step(x, state)
+                new_cache.append(state)
+            return self._logits(x).float(), new_cache
+
+    def flops_per_token(self):
+        """Training FLOPs per token for MFU, counted as in the MLX script: 6 * (weights that multiply activations:
+        every linear and conv weight, and the embedding matrix once, as the unembedding) + 3 * the scans' forward
+        FLOPs (forward + backward ~ 3x forward)."""
+        matmul_params = self.embed.weight.numel() + sum(p.numel() for _, p in matrix_parameters(self))
+        scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
+        return 6 * matmul_params + 3 * scan
+
+
+def matrix_parameters(model):
+    """(name, weight) of every linear and conv weight: they get weight decay and MATRIX_LR, and the FLOP count."""
+    return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, (nn.Linear, CausalConv1d))]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
+    """Sample a continuation of `prompt`: a chunked prefill of the prompt, then the recurrent step path, O(1) per
+    token whatever the length so far (the cache holds the conv window and the SSM state of every layer)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    logits, cache = model.prefill(torch.tensor([ids], device=device))
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
+        new_tokens.append(token.item())
+        logits, cache = model.step(token, cache)
+    return tokenizer.decode(new_tokens)
+
+
+def load_mlx_parameters(model, arrays):
+    """Copy the MLX model's parameters, a flat {name: array} (mlx.utils.tree_flatten(mlx_model.parameters()), arrays
+    as numpy or anything torch.as_tensor takes), into `model`. The names and shapes are the same by construction;
+    any difference is an error that names the parameter."""
+    params = dict(model.named_parameters())
+    missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or unknown:
-        raise KeyError(f"parameter names differ: missing {missing[:8]}, unknown {unknown[:8]}")
+        raise KeyError(f"parameter names differ from the MLX model's: missing {missing[:6]}, unknown {unknown[:6]}")
     with torch.no_grad():
-        for name, array in arrays.items():
-            value = torch.as_tensor(array)
-            target = state[name]
-            if name.endswith("conv1d.weight") and value.shape != target.shape:
-                value = value.transpose(1, 2)  # (channels, width, 1) -> (channels, 1, width)
-            if value.shape != target.shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
-
-
-def _is_tied_alias(model, name):
-    return name == "lm_head.weight" and model.config.tie_embeddings
+        for name, param in params.items():
+            value = torch.as_tensor(arrays[name])
+            if value.shape != param.shape:
+                raise ValueError(f"{name}: MLX shape {tuple(value.shape)}, PyTorch shape {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
 
 
 # =====================================================================================================================
 # Optimizer, schedule, training loop, summary
 # =====================================================================================================================
 
-NO_DECAY_NAMES = ("A_log", "dt_bias", "D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")
-
 
 def make_optimizer(model, device):
-    """AdamW; weight decay only on matrices and the embedding (not A_log, dt_bias, D, norms, biases, MIMO scales)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        is_norm = ".norm" in name or "_norm." in name or name.startswith("norm_f")
-        if param.ndim < 2 or leaf in NO_DECAY_NAMES or leaf == "bias" or is_norm:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS,
-                             fused=device.type == "cuda")
+    """AdamW with the MLX script's three groups: the embedding (EMBEDDING_LR) and the matrices (MATRIX_LR), both with
+    decoupled weight decay, and everything else (SCALAR_LR, no decay): A_log, dt_bias, D, norm weights, biases, the
+    mixers' other per-head parameters. Fused (one kernel for all parameters) on CUDA."""
+    matrices = {id(p) for _, p in matrix_parameters(model)}
+    embedding = [model.embed.weight]
+    matrix = [p for p in model.parameters() if id(p) in matrices]
+    scalars = [p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight]
+    groups = [dict(params=embedding, lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY),
+              dict(params=matrix, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY),
+              dict(params=scalars, lr=SCALAR_LR, weight_decay=0.0)]
+    for group in groups:
+        group["peak_lr"] = group["lr"]
+    # torch's AdamW multiplies the decay by lr (p -= lr * wd * p), like the MLX script's update.
+    return torch.optim.AdamW(groups, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
 
 
 def lr_multiplier(progress):
-    """Linear warmup over WARMUP_RATIO of the budget, constant, then linear warmdown to FINAL_LR_FRAC."""
+    """Linear warmup over WARMUP_RATIO of the budget, constant, then linear warmdown to FINAL_LR_FRAC over the last
+    WARMDOWN_RATIO. progress = training seconds so far / TIME_BUDGET."""
     if progress < WARMUP_RATIO:
-        return (progress + 1e-8) / WARMUP_RATIO
-    if progress < 1.0 - WARMDOWN_RATIO:
+        return progress / WARMUP_RATIO
+    if progress <= 1.0 - WARMDOWN_RATIO:
         return 1.0
-    cooldown = (1.0 - progress) / WARMDOWN_RATIO
-    return cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
+    decay = min((progress - (1.0 - WARMDOWN_RATIO)) / WARMDOWN_RATIO, 1.0)
+    return 1.0 - decay * (1.0 - FINAL_LR_FRAC)
+
+
+def resolve_compute_dtype(device):
+    """bf16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slower than float32 ones)."""
+    if COMPUTE_DTYPE == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, COMPUTE_DTYPE)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
 
 
 def to_device(array, device):
-    """int32 numpy batch -> int64 tensor on device; pinned + non-blocking on CUDA so the copy overlaps compute (the
-    caching host allocator keeps each pinned block alive until its copy has run)."""
+    """int32 numpy batch -> int64 tensor on device; pinned and non-blocking on CUDA, so the copy overlaps the queued
+    GPU work (torch's caching host allocator keeps each pinned block until its copy has run)."""
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True).long()
@@ -919,7 +1016,7 @@ def to_device(array, device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process peak RSS
 
 
 def synchronize(device):
@@ -928,103 +1025,113 @@ def synchronize(device):
 
 
 def main():
-    t_start = time.time()
+    t_start = t_script_start
     torch.manual_seed(SEED)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (if any) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-        device_name, peak_dtype = torch.cuda.get_device_name(device), "bfloat16"
-    else:
-        device_name, peak_dtype = f"CPU {platform.machine()}", "float32"
-
+    seq_len = prepare.MAX_SEQ_LEN
     tokenizer = prepare.Tokenizer.from_directory()
+    compute_dtype = resolve_compute_dtype(device)
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size())
-    model = MambaLM(config).to(device)
-    model.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = MambaLM(config, compute_dtype).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token()
+    architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
     scan_backend = choose_scan_backend(config, device)
-    num_params = count_parameters(model)
-    flops_per_token = estimate_flops_per_token(config)
-    kind = config.architecture + (f" MIMO rank {config.mimo_rank}" if config.mimo_rank > 1 else "")
-    print(f"model: {kind}, depth {config.depth}, d_model {config.d_model}, heads {config.nheads}x{config.headdim}, "
-          f"d_state {config.d_state}, {num_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
 
-    tokens_per_pass = DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN
-    grad_accum_steps = max(1, TOTAL_BATCH_SIZE // tokens_per_pass)
-    tokens_per_step = grad_accum_steps * tokens_per_pass
-    print(f"batch: {tokens_per_step} tokens per step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {prepare.MAX_SEQ_LEN}")
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len
+    if TOTAL_BATCH_SIZE % tokens_per_micro_step:
+        raise SystemExit(
+            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
+            f"({DEVICE_BATCH_SIZE} * {seq_len} = {tokens_per_micro_step})."
+        )
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+    print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name(device)}, "
+          f"scan {scan_backend}")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
 
     optimizer = make_optimizer(model, device)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = LEARNING_RATE
     train_model = torch.compile(model) if COMPILE and device.type == "cuda" else model
-    peak, peak_source = prepare.peak_flops(device_name, peak_dtype, backend="torch")
-
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, prepare.MAX_SEQ_LEN, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
     inputs, targets, epoch = next(train_loader)
     x, y = to_device(inputs, device), to_device(targets, device)
-
     progress_line = prepare.ProgressLine()
-    step, total_training_time, smooth_loss = 0, 0.0, 0.0
+    gc.collect()
+    gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
+    gc.disable()
+
+    # The clock, as in the MLX script: training_time counts every optimizer step except the first (it compiles); the
+    # run stops once the budget is spent, whatever the step count. The schedule follows training_time / TIME_BUDGET.
+    training_time, step, smooth_loss, t_startup = 0.0, 0, 0.0, None
     while True:
         synchronize(device)
         t0 = time.time()
+        lr_mult = lr_multiplier(min(training_time / prepare.TIME_BUDGET, 1.0))
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_mult
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum_steps):
             loss = train_model(x, y)
-            loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
-            inputs, targets, epoch = next(train_loader)  # overlaps the GPU work queued above
+            loss_sum += loss.detach()
+            inputs, targets, epoch = next(train_loader)  # the host fetches while the GPU runs the queued work
             x, y = to_device(inputs, device), to_device(targets, device)
-        progress = min(total_training_time / prepare.TIME_BUDGET, 1.0)
-        lr_scale = lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
         if GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / grad_accum_steps).item()  # the one host sync per step
+        train_loss = loss_sum.item() / grad_accum_steps  # the one host sync of the step
+        step_time = time.time() - t0
         prepare.check_loss(train_loss, step)
-        synchronize(device)
-        dt = time.time() - t0
-        if step >= UNTIMED_STEPS:
-            total_training_time += dt
+        if step == 0:
+            t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
+        else:
+            training_time += step_time
+        step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        tokens_per_s = tokens_per_step / dt
-        mfu = 100 * flops_per_token * tokens_per_s / peak
-        remaining = max(0.0, prepare.TIME_BUDGET - total_training_time)
-        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss {debiased:.4f} | lr x{lr_scale:.2f} | "
-                             f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {mfu:.1f}% | epoch {epoch} | "
-                             f"{remaining:.0f}s left")
-        if step == 0:  # everything allocated at start-up stays; keep the collector from scanning it every step
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        step += 1
-        if step > UNTIMED_STEPS and total_training_time >= prepare.TIME_BUDGET:
+        debiased = smooth_loss / (1 - 0.9**step)
+        tokens_per_s = TOTAL_BATCH_SIZE / step_time
+        remaining = max(prepare.TIME_BUDGET - training_time, 0.0)
+        progress_line.update(
+            f"step {step:05d} ({100 * min(training_time / prepare.TIME_BUDGET, 1.0):5.1f}%) | loss {debiased:.4f} | "
+            f"lrm {lr_mult:.2f} | {1000 * step_time:.0f} ms | {tokens_per_s:,.0f} tok/s | epoch {epoch} | "
+            f"{remaining:.0f}s left"
+        )
+        if step > 1 and training_time >= prepare.TIME_BUDGET:
             break
     progress_line.close()
     gc.enable()
 
-    timed_steps = step - UNTIMED_STEPS
-    total_tokens = step * tokens_per_step
-    mfu_percent = 100 * flops_per_token * tokens_per_step * timed_steps / total_training_time / peak
-    val_bpb = prepare.evaluate_bpb(train_model, EVAL_BATCH_SIZE)
+    # Evaluation: the harness scores the (compiled, on CUDA) model's forward pass, under the model's own autocast.
+    t_eval = time.time()
+    val_bpb = prepare.evaluate_bpb(train_model, DEVICE_BATCH_SIZE)
+    eval_seconds = time.time() - t_eval
+
+    timed_steps = step - 1
+    total_tokens = step * TOTAL_BATCH_SIZE
+    tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
+    peak_dtype = "float32" if compute_dtype == torch.float32 else "bfloat16"
+    peak, peak_source = prepare.peak_flops(device_name(device), peak_dtype, backend="torch")
+    mfu = 100 * flops_per_token * tokens_per_s / peak
+    print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
+    print(f"eval_seconds: {eval_seconds:.1f}")
+    print(f"throughput: {tokens_per_s:,.0f} tok/s; MFU against {peak / 1e9:.0f} GFLOP/s ({peak_source})")
     prepare.print_summary({
-        "architecture": ARCHITECTURE if config.mimo_rank == 1 else f"{ARCHITECTURE}-mimo{config.mimo_rank}",
+        "architecture": architecture,
         "preset": prepare.PRESET_NAME,
         "val_bpb": val_bpb,
-        "training_seconds": total_training_time,
+        "training_seconds": training_time,
         "total_seconds": time.time() - t_start,
         "peak_memory_mb": peak_memory_mb(device),
-        "mfu_percent": mfu_percent,
+        "mfu_percent": mfu,
         "total_tokens_M": total_tokens / 1e6,
         "num_steps": step,
         "num_params_M": num_params / 1e6,
-        "depth": config.depth,
+        "depth": DEPTH,
         "scan_backend": scan_backend,
     })
 
