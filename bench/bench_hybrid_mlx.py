@@ -1,0 +1,143 @@
+"""
+Throughput benchmark of train_hybrid_moe_mlx.py (a script, not a test). Measures, on the current MLX device:
+
+  1. training step (forward + backward + AdamW update, the script's own compiled step): tokens/s, ms/step and peak
+     memory of the local configuration (pattern ME*EM, d_model 256, 4 experts, batch 4 x 512) and of the script's
+     full-size default (pattern MEM*EME, d_model 512, 8 experts; batch 1 x 2048 here, to keep a CPU run short);
+  2. the MoE layer alone (forward + backward) as the expert count grows at fixed top-k: routed dispatch (only the
+     chosen experts run) against a dense all-experts reference. Routed cost should stay flat in the expert count.
+
+Run: `uv run bench/bench_hybrid_mlx.py [--only step,moe] [--steps 3] [--rounds 5] [--mamba-type mamba-2]`.
+Timings on a shared machine are noisy: compare the figures printed side by side in one run (the MoE sizes are timed
+in interleaved rounds and the best round of each is kept).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import prepare  # noqa: E402  (first: the fast BLAS before MLX)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+import train_hybrid_moe_mlx as H  # noqa: E402
+
+# name -> (HybridConfig fields, batch rows, row length). "local" is the local preset's hybrid section; "default" the
+# script's full-size defaults, written out so the active preset cannot change what is measured.
+CONFIGS = {
+    "local": (dict(pattern="ME*EM", d_model=256, d_state=32, headdim=32, num_attention_heads=4, num_kv_heads=2,
+                   attn_head_dim=64, num_experts=4, top_k=2, expert_hidden=256), 4, 512),
+    "default": (dict(pattern="MEM*EME", d_model=512, d_state=64, headdim=64, num_attention_heads=8, num_kv_heads=2,
+                     attn_head_dim=64, num_experts=8, top_k=2, expert_hidden=512), 1, 2048),
+}
+
+
+def make_config(fields, mamba_type):
+    base = dict(mamba_type=mamba_type, vocab_size=prepare.VOCAB_SIZE, expand=2, ngroups=1, chunk_size=64,
+                shared_expert_hidden=0, dense_mlp_hidden=1024, is_mimo=False)
+    base.update(fields)
+    return H.HybridConfig(**base)
+
+
+def random_batches(batch_size, seq_len, vocab_size, seed=0):
+    rng = np.random.default_rng(seed)
+    while True:
+        block = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+        yield block[:, :-1], block[:, 1:], 1
+
+
+def bench_step(args):
+    print(f"\n== training step (fwd+bwd+AdamW, the script's compiled step), {args.mamba_type}, float32 ==")
+    for name, (fields, batch, seq_len) in CONFIGS.items():
+        mx.random.seed(0)
+        model = H.HybridLM(make_config(fields, args.mamba_type))
+        mx.eval(model.parameters())
+        optimizer = H.AdamW(model)
+        step = H.make_training_step(model, optimizer, grad_accum_steps=1)
+        batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
+        for _ in range(2):  # compile + one real step
+            step(batches, 1.0)[0].item()
+        mx.reset_peak_memory()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step(batches, 1.0)[0].item()
+            times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times))
+        tokens = batch * seq_len
+        print(f"{name:8s} {fields['pattern']:8s} {model.num_params() / 1e6:5.2f}M params "
+              f"({model.num_active_params() / 1e6:5.2f}M active)  batch {batch} x {seq_len}: "
+              f"{tokens / seconds:8.0f} tok/s  {1000 * seconds:7.0f} ms/step  "
+              f"peak {mx.get_peak_memory() / 2**20:6.0f} MiB  "
+              f"{model.flops_per_token(seq_len) * tokens / seconds / 1e9:5.1f} GFLOP/s model")
+
+
+def bench_moe(args):
+    d_model, hidden, top_k, tokens = args.moe_d_model, args.moe_hidden, args.moe_top_k, args.moe_tokens
+    counts = [int(e) for e in args.moe_experts.split(",")]
+    print(f"\n== MoE layer alone, fwd+bwd, {tokens} tokens, d_model {d_model}, expert hidden {hidden}, top-{top_k}, "
+          f"compiled; best of {args.rounds} interleaved rounds ==")
+    mx.random.seed(0)
+    x = mx.random.normal((1, tokens, d_model))
+    probe = mx.random.normal((1, tokens, d_model))
+
+    def dense_all_experts(moe, x):
+        """Every expert on every token, mixed with the router weights: the cost a gather-free MoE would pay."""
+        rows = x.reshape(-1, d_model)
+        chosen, weights, balance_loss, _ = H.route(moe.router(rows), moe.top_k)
+        h, gate = mx.split(rows[None] @ moe.experts.fc1, 2, axis=-1)
+        every = (h * H.silu(gate)) @ moe.experts.fc2
+        mix = ((chosen[..., None] == mx.arange(moe.num_experts)) * weights[..., None]).sum(axis=1)
+        return (every * mix.T[..., None]).sum(axis=0).reshape(x.shape), balance_loss
+
+    cases = {}
+    for n in counts:
+        moe = H.MoE(d_model, n, top_k, hidden)
+        mx.eval(moe.parameters())
+        for kind, forward in (("routed", lambda m, x: m(x)[:2]), ("dense", dense_all_experts)):
+            def loss(x, moe=moe, forward=forward):
+                y, balance = forward(moe, x)
+                return (y * probe).sum() + 0.01 * balance
+            grad = mx.compile(nn.value_and_grad(moe, loss))
+            cases[(n, kind)] = lambda grad=grad: mx.eval(grad(x))
+    for run in cases.values():  # compile and warm up
+        run()
+    best = {key: float("inf") for key in cases}
+    for _ in range(args.rounds):
+        for key, run in cases.items():
+            t0 = time.perf_counter()
+            run()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    base = best[(counts[0], "routed")]
+    for n in counts:
+        routed, dense = best[(n, "routed")], best[(n, "dense")]
+        print(f"{n:3d} experts: routed {1000 * routed:7.1f} ms ({routed / base:4.2f}x of {counts[0]} experts)   "
+              f"dense all-experts {1000 * dense:7.1f} ms ({dense / routed:4.1f}x routed)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="step,moe", help="comma-separated: step,moe")
+    parser.add_argument("--mamba-type", default="mamba-3", choices=["mamba-3", "mamba-2"])
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of the MoE sizes (best kept)")
+    parser.add_argument("--moe-experts", default="4,8,16", help="expert counts to compare, the first is the base")
+    parser.add_argument("--moe-top-k", type=int, default=2)
+    parser.add_argument("--moe-d-model", type=int, default=256)
+    parser.add_argument("--moe-hidden", type=int, default=256)
+    parser.add_argument("--moe-tokens", type=int, default=2048, help="tokens per MoE call (local micro-batch: 4 x 512)")
+    args = parser.parse_args()
+    blas = os.path.basename(prepare.FAST_BLAS or "bundled")
+    print(f"device: {H.device_name()} ({mx.default_device()}), blas: {blas}")
+    sections = {"step": bench_step, "moe": bench_moe}
+    for name in args.only.split(","):
+        sections[name.strip()](args)
+
+
+if __name__ == "__main__":
+    main()
