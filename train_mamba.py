@@ -218,15 +218,17 @@ def rotate_pairs(x, theta):
 
 
 def cumulative_angles(increments, initial_angle, chunk_size):
-    """theta_t = (theta_{-1} + sum_{u <= t} increments_u) mod 2 pi along dim 1 of (b, l, h, a): summed within chunks,
-    then over the chunk totals wrapped mod 2 pi, so that no float32 sum grows with the sequence length."""
+    """theta_t = (theta_{-1} + sum_{u <= t} increments_u) mod 2 pi along dim 1 of (b, l, h, a): summed within chunks
+    (float32), then over the chunk totals wrapped mod 2 pi (float64), so that no float32 sum grows with the length."""
     b, l = increments.shape[:2]
     pad = -l % chunk_size
-    within = F.pad(increments, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk_size)).cumsum(dim=2)  # (b, c, Q, h, a)
-    totals = torch.remainder(within[:, :, -1], 2 * math.pi)  # (b, c, h, a)
-    offsets = F.pad(totals.cumsum(dim=1)[:, :-1], (0, 0, 0, 0, 1, 0))  # the chunks before each one
+    chunks = F.pad(increments, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk_size))  # (b, c, Q, h, a)
+    within = chunks.cumsum(dim=2)
+    totals = torch.remainder(chunks.double().sum(dim=2), 2 * math.pi)  # float64: only a few numbers per chunk
+    offsets = F.pad(totals.cumsum(dim=1)[:, :-1], (0, 0, 0, 0, 1, 0))  # what the chunks before each one add
     if initial_angle is not None:
         offsets = offsets + initial_angle[:, None]
+    offsets = torch.remainder(offsets, 2 * math.pi).to(within.dtype)
     theta = torch.remainder(within + offsets[:, :, None], 2 * math.pi)
     return theta.flatten(1, 2)[:, :l]
 
@@ -791,6 +793,14 @@ class ModelConfig:
     is_outproj_norm: bool = IS_OUTPROJ_NORM
     mlp_expand: int = MLP_EXPAND
 
+    @property
+    def nheads(self):
+        return self.expand * self.d_model // self.headdim
+
+    @property
+    def num_rope_angles(self):
+        return int(self.d_state * self.rope_fraction) // 2  # pairs of the rotated (even) share of the state dims
+
 
 def make_mixer(c):
     if c.architecture == "mamba-2":
@@ -993,6 +1003,40 @@ def lr_multiplier(progress):
     return 1.0 - decay * (1.0 - FINAL_LR_FRAC)
 
 
+def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None):
+    """One optimizer step: forward + backward per micro-batch (gradients accumulate in .grad), clip, AdamW. No host
+    sync inside: the loss stays on the device, and the next micro-batch is fetched and copied while the GPU runs the
+    work already queued. Returns step(batches, lr_mult) -> (mean loss as a device tensor, epoch of the last batch).
+    compile_model: torch.compile the forward (default: on CUDA when COMPILE)."""
+    if compile_model is None:
+        compile_model = COMPILE and device.type == "cuda"
+    forward = torch.compile(model) if compile_model else model
+    prefetched = []  # the next (x, y, epoch), already on its way to the device
+
+    def fetch(batches):
+        inputs, targets, epoch = next(batches)
+        return to_device(inputs, device), to_device(targets, device), epoch
+
+    def step(batches, lr_mult):
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_mult
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum_steps):
+            x, y, epoch = prefetched.pop() if prefetched else fetch(batches)
+            loss = forward(x, y)
+            (loss / grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            prefetched.append(fetch(batches))  # the host fetches while the GPU runs the queued work
+        if GRAD_CLIP > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / grad_accum_steps, epoch
+
+    step.forward = forward  # the (compiled) model, reused for evaluation
+    return step
+
+
 def resolve_compute_dtype(device):
     """bf16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slower than float32 ones)."""
     if COMPUTE_DTYPE == "auto":
@@ -1054,10 +1098,8 @@ def main():
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
 
     optimizer = make_optimizer(model, device)
-    train_model = torch.compile(model) if COMPILE and device.type == "cuda" else model
+    training_step = make_training_step(model, optimizer, grad_accum_steps, device)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
-    inputs, targets, epoch = next(train_loader)
-    x, y = to_device(inputs, device), to_device(targets, device)
     progress_line = prepare.ProgressLine()
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
@@ -1069,21 +1111,10 @@ def main():
     while True:
         synchronize(device)
         t0 = time.time()
-        lr_mult = lr_multiplier(min(training_time / prepare.TIME_BUDGET, 1.0))
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_mult
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum_steps):
-            loss = train_model(x, y)
-            (loss / grad_accum_steps).backward()
-            loss_sum += loss.detach()
-            inputs, targets, epoch = next(train_loader)  # the host fetches while the GPU runs the queued work
-            x, y = to_device(inputs, device), to_device(targets, device)
-        if GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = loss_sum.item() / grad_accum_steps  # the one host sync of the step
+        progress = min(training_time / prepare.TIME_BUDGET, 1.0)
+        lr_mult = lr_multiplier(progress)
+        loss, epoch = training_step(train_loader, lr_mult)
+        train_loss = loss.item()  # the one host sync of the step
         step_time = time.time() - t0
         prepare.check_loss(train_loss, step)
         if step == 0:
@@ -1108,7 +1139,7 @@ def main():
 
     # Evaluation: the harness scores the (compiled, on CUDA) model's forward pass, under the model's own autocast.
     t_eval = time.time()
-    val_bpb = prepare.evaluate_bpb(train_model, DEVICE_BATCH_SIZE)
+    val_bpb = prepare.evaluate_bpb(training_step.forward, DEVICE_BATCH_SIZE)
     eval_seconds = time.time() - t_eval
 
     timed_steps = step - 1

@@ -1,0 +1,437 @@
+"""The PyTorch mirror (train_mamba.py): every chunked scan against its own one-token recurrence (outputs, final states,
+gradients; lengths that are not multiples of the chunk; carried states), the blocks' chunked forward against their
+step-by-step decode, logits equal to the MLX model's for the same weights (mamba-2, mamba-3 SISO, mamba-3 MIMO), the
+scans under torch.compile, the fused-kernel start-up check, and a CPU smoke run of the script. Tiny shapes, float32.
+
+Needs the optional `torch` extra (`uv sync --extra torch`); without PyTorch the whole module is skipped."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import prepare  # noqa: F401  (first, as everywhere: loads the fast BLAS before MLX)
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (the optional `torch` extra: uv sync --extra torch)")
+
+import train_mamba as tm  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def uniform(gen, lo, hi, *shape):
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+
+def assert_close(got, want, tol=2e-5, what=""):
+    """Max abs error below tol times the reference's scale (at least 1)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * {scale:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mamba-2 (SSD)
+
+
+def ssd_inputs(b, l, h, g, n, p, seed):
+    gen = make_generator(seed)
+    dt = uniform(gen, 0.01, 0.6, b, l, h)
+    return dict(X=randn(gen, b, l, h, p) * dt[..., None], A=-uniform(gen, 0.1, 2.0, h) * dt,
+                B=randn(gen, b, l, g, n), C=randn(gen, b, l, g, n))
+
+
+def ssd_steps(inputs, state):
+    outputs = []
+    for t in range(inputs["X"].shape[1]):
+        y, state = tm.ssd_step(*(inputs[k][:, t] for k in ("X", "A", "B", "C")), state)
+        outputs.append(y)
+    return torch.stack(outputs, dim=1), state
+
+
+SSD_CASES = [  # (b, l, h, g, n, p, chunk)
+    (2, 1, 4, 2, 8, 4, 4),
+    (2, 13, 4, 1, 8, 4, 4),
+    (1, 37, 4, 4, 6, 3, 8),  # one group per head
+    (2, 50, 6, 3, 8, 4, 16),
+    (1, 64, 2, 1, 8, 4, 64),  # exactly one chunk
+]
+
+
+@pytest.mark.parametrize("b,l,h,g,n,p,chunk", SSD_CASES)
+def test_ssd_scan_matches_recurrence(b, l, h, g, n, p, chunk):
+    inputs = ssd_inputs(b, l, h, g, n, p, seed=l)
+    start = randn(make_generator(1), b, h, p, n)
+    out, state = tm.ssd_scan(**inputs, chunk_size=chunk, initial_states=start)
+    ref, ref_state = ssd_steps(inputs, start)
+    assert_close(out, ref, what="output")
+    assert_close(state, ref_state, what="final state")
+    fresh, _ = tm.ssd_scan(**inputs, chunk_size=chunk)
+    assert_close(fresh, ssd_steps(inputs, torch.zeros(b, h, p, n))[0], what="output from a zero state")
+
+
+def test_ssd_gradients_match_recurrence():
+    b, l, h, g, n, p = 2, 11, 4, 2, 8, 4
+    base = ssd_inputs(b, l, h, g, n, p, seed=5)
+    start = randn(make_generator(2), b, h, p, n)
+    w_out, w_state = randn(make_generator(3), b, l, h, p), randn(make_generator(4), b, h, p, n)
+
+    def grads(run):
+        leaves = {k: v.clone().requires_grad_() for k, v in dict(base, start=start).items()}
+        out, state = run({k: leaves[k] for k in base}, leaves["start"])
+        ((out * w_out).sum() + (state * w_state).sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    chunked = grads(lambda inputs, s: tm.ssd_scan(**inputs, chunk_size=4, initial_states=s))
+    stepped = grads(ssd_steps)
+    for name in chunked:
+        assert_close(chunked[name], stepped[name], 1e-4, f"d/d{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mamba-3 (SISO and MIMO)
+
+
+def mamba3_inputs(b, l, h, g, n, p, a, rank=None, seed=0, heads_in_angles=True):
+    """Scan inputs with realistic ranges: decays in (-1, 0], dt in (0.01, 0.6), trapezoid gates on both sides."""
+    gen = make_generator(seed)
+    qk = (b, l, g, n) if rank is None else (b, l, rank, g, n)
+    bias = (h, n) if rank is None else (h, rank, n)
+    inputs = dict(Q=randn(gen, *qk), K=randn(gen, *qk), V=randn(gen, b, l, h, p), ADT=-torch.rand(b, h, l, generator=gen),
+                  DT=uniform(gen, 0.01, 0.6, b, h, l), Trap=2 * randn(gen, b, h, l), Q_bias=randn(gen, *bias),
+                  K_bias=randn(gen, *bias), Angles=2 * randn(gen, b, l, h if heads_in_angles else 1, a),
+                  D=randn(gen, h), Z=randn(gen, b, l, h, p))
+    if rank is not None:
+        inputs.update(MIMO_V=randn(gen, h, rank, p), MIMO_Z=randn(gen, h, rank, p), MIMO_O=randn(gen, h, rank, p))
+    return inputs
+
+
+def mamba3_state(b, h, n, p, a, rank=None, seed=1):
+    gen = make_generator(seed)
+    k_shape = (b, h, n) if rank is None else (b, rank, h, n)
+    return (uniform(gen, 0, 6.28, b, h, a), randn(gen, b, h, p, n), randn(gen, *k_shape), randn(gen, b, h, p))
+
+
+def mamba3_scan(inputs, mimo, **kw):
+    return (tm.mamba3_mimo_scan if mimo else tm.mamba3_siso_scan)(**inputs, **kw)
+
+
+def mamba3_steps(inputs, mimo, state=None):
+    """The recurrence token by token: outputs stacked along time and the final state."""
+    step = tm.mamba3_mimo_step if mimo else tm.mamba3_siso_step
+    outputs = []
+    for t in range(inputs["V"].shape[1]):
+        kw = {}
+        for name, value in inputs.items():
+            if value is None or name in ("Q_bias", "K_bias", "D", "MIMO_V", "MIMO_Z", "MIMO_O"):
+                kw[name] = value
+            elif name in ("ADT", "DT", "Trap"):
+                kw[name] = value[:, :, t]
+            else:
+                kw[name] = value[:, t]
+        y, state = step(**kw, state=state)
+        outputs.append(y)
+    return torch.stack(outputs, dim=1), state
+
+
+def assert_states_close(got, want, tol=2e-5):
+    for name, x, y in zip(("angle", "S", "k", "x"), got, want):
+        if name == "angle":  # compare on the circle: a wrap at 2 pi is not an error
+            x, y = torch.stack([x.cos(), x.sin()]), torch.stack([y.cos(), y.sin()])
+        assert_close(x, y, tol, f"final {name} state")
+
+
+SISO_CASES = [  # (b, l, h, g, n, p, a, chunk)
+    (2, 1, 4, 2, 8, 4, 2, 4),
+    (2, 5, 4, 1, 8, 4, 4, 4),  # every dim rotated
+    (1, 33, 4, 4, 8, 6, 1, 8),  # one group per head, one rotated pair
+    (2, 70, 2, 1, 16, 4, 4, 16),
+    (1, 37, 2, 1, 8, 4, 2, 64),  # shorter than a chunk
+]
+
+
+@pytest.mark.parametrize("b,l,h,g,n,p,a,chunk", SISO_CASES)
+def test_siso_scan_matches_recurrence(b, l, h, g, n, p, a, chunk):
+    inputs = mamba3_inputs(b, l, h, g, n, p, a, seed=l)
+    out, state = mamba3_scan(inputs, False, chunk_size=chunk)
+    ref, ref_state = mamba3_steps(inputs, False)
+    assert_close(out, ref, what="output")
+    assert_states_close(state, ref_state)
+
+
+MIMO_CASES = [  # (b, l, h, g, n, p, a, rank, chunk)
+    (2, 1, 4, 2, 8, 4, 2, 2, 4),
+    (2, 5, 2, 1, 8, 4, 4, 4, 2),
+    (1, 33, 4, 2, 8, 6, 2, 4, 8),
+    (2, 45, 2, 1, 8, 4, 2, 2, 16),
+    (1, 20, 2, 2, 8, 4, 1, 1, 8),  # rank 1 through the MIMO path
+]
+
+
+@pytest.mark.parametrize("b,l,h,g,n,p,a,rank,chunk", MIMO_CASES)
+def test_mimo_scan_matches_recurrence(b, l, h, g, n, p, a, rank, chunk):
+    inputs = mamba3_inputs(b, l, h, g, n, p, a, rank=rank, seed=l + rank)
+    out, state = mamba3_scan(inputs, True, chunk_size=chunk)
+    ref, ref_state = mamba3_steps(inputs, True)
+    assert_close(out, ref, what="output")
+    assert_states_close(state, ref_state)
+
+
+@pytest.mark.parametrize("mimo", [False, True])
+def test_optional_paths_match_recurrence(mimo):
+    """Without D, without Z, angles shared over heads (b l 1 a), MIMO without the down-projection."""
+    inputs = mamba3_inputs(2, 23, 4, 2, 8, 4, 2, rank=2 if mimo else None, seed=5, heads_in_angles=False)
+    variants = [dict(D=None), dict(Z=None), dict(D=None, Z=None)]
+    if mimo:
+        variants += [dict(MIMO_O=None), dict(MIMO_O=None, Z=None, MIMO_Z=None)]
+    for change in variants:
+        case = dict(inputs, **change)
+        out, state = mamba3_scan(case, mimo, chunk_size=8)
+        ref, ref_state = mamba3_steps(case, mimo)
+        assert_close(out, ref, what=f"output {sorted(change)}")
+        assert_states_close(state, ref_state)
+    with_all, _ = mamba3_scan(inputs, mimo, chunk_size=8)
+    without, _ = mamba3_scan(dict(inputs, D=None, Z=None), mimo, chunk_size=8)
+    assert (with_all - without).abs().max() > 0.1  # D and Z are not ignored
+
+
+@pytest.mark.parametrize("mimo", [False, True])
+def test_initial_states_continue_a_sequence(mimo):
+    rank = 4 if mimo else None
+    b, l, h, g, n, p, a = 2, 29, 4, 2, 8, 4, 2
+    inputs = mamba3_inputs(b, l, h, g, n, p, a, rank=rank, seed=11)
+    start = mamba3_state(b, h, n, p, a, rank=rank)
+    full, full_state = mamba3_scan(inputs, mimo, initial_states=start, chunk_size=4)
+    ref, ref_state = mamba3_steps(inputs, mimo, state=start)
+    assert_close(full, ref, what="output from a given state")
+    assert_states_close(full_state, ref_state)
+
+    def part(lo, hi):
+        return {k: None if v is None else v[:, :, lo:hi] if k in ("ADT", "DT", "Trap")
+                else v if k in ("Q_bias", "K_bias", "D", "MIMO_V", "MIMO_Z", "MIMO_O") else v[:, lo:hi]
+                for k, v in inputs.items()}
+
+    first, middle = mamba3_scan(part(0, 13), mimo, initial_states=start, chunk_size=4)
+    second, end = mamba3_scan(part(13, l), mimo, initial_states=middle, chunk_size=8)
+    assert_close(torch.cat([first, second], dim=1), full, what="two segments")
+    assert_states_close(end, full_state)
+
+
+@pytest.mark.parametrize("mimo,rank", [(False, None), (True, 2)])
+def test_mamba3_gradients_match_recurrence(mimo, rank):
+    """d(loss)/d(every input, parameter and initial state) of the chunked scan equals that of the recurrence."""
+    b, l, h, g, n, p, a = 2, 11, 4, 2, 8, 4, 2
+    base = mamba3_inputs(b, l, h, g, n, p, a, rank=rank, seed=21)
+    start = mamba3_state(b, h, n, p, a, rank=rank)
+    w_out = randn(make_generator(99), b, l, h, p)
+    w_states = [randn(make_generator(100 + i), *s.shape) for i, s in enumerate(start)]
+
+    def grads(run):
+        leaves = {k: v.clone().requires_grad_() for k, v in base.items()}
+        start_leaves = [s.clone().requires_grad_() for s in start]
+        out, state = run(leaves, tuple(start_leaves))
+        loss = (out * w_out).sum() + torch.sin(state[0]).sum()  # the angle only matters modulo 2 pi
+        loss = loss + sum((s * w).sum() for s, w in zip(state[1:], w_states[1:]))
+        loss.backward()
+        return {**{k: v.grad for k, v in leaves.items()}, **{f"state{i}": s.grad for i, s in enumerate(start_leaves)}}
+
+    chunked = grads(lambda inputs, s: mamba3_scan(inputs, mimo, initial_states=s, chunk_size=4))
+    stepped = grads(lambda inputs, s: mamba3_steps(inputs, mimo, state=s))
+    for name in chunked:
+        assert chunked[name] is not None and stepped[name] is not None, name
+        assert_close(chunked[name], stepped[name], 1e-4, f"d/d{name}")
+
+
+def test_cumulative_angles_stay_precise_on_long_sequences():
+    """The two-level angle sum (within chunks, then wrapped chunk totals) against a float64 running sum."""
+    gen = make_generator(7)
+    increments = uniform(gen, 0.0, 3.0, 1, 5000, 2, 3)
+    theta = tm.cumulative_angles(increments, None, 64)
+    exact = torch.remainder(increments.double().cumsum(dim=1), 2 * math.pi)
+    assert torch.stack([theta.cos() - exact.cos(), theta.sin() - exact.sin()]).abs().max() < 5e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blocks and language model
+
+TINY = dict(vocab_size=50, depth=2, d_model=16, d_state=8, headdim=8, expand=2, ngroups=2, chunk_size=4)
+ARCHITECTURES = {  # name: ModelConfig overrides
+    "mamba-2": dict(architecture="mamba-2"),
+    "mamba-2 mlp": dict(architecture="mamba-2", mlp_expand=2),
+    "mamba-3 siso": dict(architecture="mamba-3"),
+    "mamba-3 mimo": dict(architecture="mamba-3", is_mimo=True, mimo_rank=2),
+    "mamba-3 siso outproj-norm": dict(architecture="mamba-3", is_outproj_norm=True),
+    "mamba-3 mimo outproj-norm": dict(architecture="mamba-3", is_mimo=True, mimo_rank=2, is_outproj_norm=True),
+}
+
+
+def perturbed_model(overrides, seed=0):
+    """A tiny model whose biases, norms, D and MIMO weights are moved off their initial values (ones, 1/r), so that
+    a mistake in how any of them is applied shows."""
+    torch.manual_seed(seed)
+    model = tm.MambaLM(tm.ModelConfig(**TINY, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim <= 1 or "bias" in name or "mimo" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_prefill_and_step_match_forward(name):
+    """Logits of a chunked prefill, a second prefill from its cache, then one-token steps equal the full forward's."""
+    model = perturbed_model(ARCHITECTURES[name])
+    ids = torch.randint(0, 50, (2, 11), generator=make_generator(0))
+    with torch.no_grad():
+        full = model(ids)
+        logits, cache = model.prefill(ids[:, :3])
+        assert_close(logits, full[:, 2], 1e-5, "prefill")
+        logits, cache = model.prefill(ids[:, 3:6], cache)
+        assert_close(logits, full[:, 5], 1e-5, "prefill from a cache")
+        for t in range(6, 11):
+            logits, cache = model.step(ids[:, t], cache)
+            assert_close(logits, full[:, t], 1e-5, f"step {t}")
+    loss = model(ids, ids)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_optimizer_groups_and_schedule():
+    model = perturbed_model(ARCHITECTURES["mamba-2"])
+    groups = tm.make_optimizer(model, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    embedding, matrices, scalars = ([names[id(p)] for p in g["params"]] for g in groups)
+    assert embedding == ["embed.weight"] and groups[0]["weight_decay"] > 0
+    assert all(n.endswith(("in_proj.weight", "out_proj.weight", "conv.weight", "fc1.weight", "fc2.weight"))
+               for n in matrices) and groups[1]["weight_decay"] > 0
+    assert groups[2]["weight_decay"] == 0
+    for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias"):
+        assert any(n.endswith(no_decay) for n in scalars), no_decay
+    assert tm.lr_multiplier(0.0) == 0.0 and tm.lr_multiplier(0.3) == 1.0
+    assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with the MLX model: the same weights give the same logits
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_logits_match_mlx_model(name):
+    mx = pytest.importorskip("mlx.core")
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    import train_mamba_3_mlx as mlx_script
+
+    config = dict(TINY, vocab_size=64, d_model=32, d_state=16, chunk_size=8, **ARCHITECTURES[name])
+    mx.random.seed(1)
+    mlx_model = mlx_script.MambaLM(mlx_script.ModelConfig(**config))
+    rng = np.random.RandomState(0)
+    arrays = {}
+    for key, value in tree_flatten(mlx_model.parameters()):
+        array = np.array(value)
+        if array.ndim <= 1 or "bias" in key or "mimo" in key:  # off the ones/1/r init, as in perturbed_model
+            array = array + 0.3 * rng.randn(*array.shape).astype(np.float32)
+        arrays[key] = array
+    mlx_model.load_weights([(key, mx.array(value)) for key, value in arrays.items()])
+    torch_model = tm.MambaLM(tm.ModelConfig(**config))
+    tm.load_mlx_parameters(torch_model, arrays)
+    ids = rng.randint(0, 64, (2, 21)).astype(np.int32)  # 21: not a multiple of the chunk
+    want = np.array(mlx_model(mx.array(ids)))
+    with torch.no_grad():
+        got = torch_model(torch.from_numpy(ids).long()).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_mlx_parameter_names_are_required():
+    model = perturbed_model(ARCHITECTURES["mamba-3 siso"])
+    arrays = {name: p.detach().numpy() for name, p in model.named_parameters()}
+    tm.load_mlx_parameters(model, arrays)  # round trip
+    with pytest.raises(KeyError, match="missing"):
+        tm.load_mlx_parameters(model, {k: v for k, v in arrays.items() if k != "embed.weight"})
+    with pytest.raises(ValueError, match="D"):
+        tm.load_mlx_parameters(model, dict(arrays, **{"layers.0.mixer.D": arrays["layers.0.mixer.D"][:-1]}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile and the fused-kernel check
+
+
+def test_scans_trace_into_one_graph():
+    """fullgraph=True fails on any graph break; the aot_eager backend traces forward and backward without building
+    C++/Triton code (fast on CPU), which is what matters for inductor on CUDA."""
+    inputs = mamba3_inputs(1, 19, 4, 2, 8, 4, 2, rank=2, seed=3)
+    compiled = torch.compile(tm.mamba3_mimo_scan, fullgraph=True, backend="aot_eager")
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out, _ = compiled(**leaves, chunk_size=8)
+    out.sum().backward()
+    assert_close(out.detach(), tm.mamba3_mimo_scan(**inputs, chunk_size=8)[0], what="compiled mimo scan")
+    ssd = torch.compile(tm.ssd_scan, fullgraph=True, backend="aot_eager")
+    s_inputs = ssd_inputs(2, 21, 4, 2, 8, 4, seed=1)
+    assert_close(ssd(**s_inputs, chunk_size=8)[0], tm.ssd_scan(**s_inputs, chunk_size=8)[0], what="compiled ssd")
+
+
+def test_fused_check_accepts_a_match_and_rejects_a_mismatch():
+    """The start-up check of a fused kernel, run on CPU with stand-ins: the pure scan itself passes; a 'kernel' with
+    another trapezoid convention (lam and 1 - lam swapped) fails on the output and gradients."""
+    config = tm.ModelConfig(**TINY, architecture="mamba-3")
+    problem = tm._random_scan_problem("siso", config, 1, 12, torch.device("cpu"), torch.float32)
+
+    def same(**kw):
+        return tm.mamba3_siso_scan(**kw)[0]
+
+    def swapped_gate(**kw):
+        return tm.mamba3_siso_scan(**dict(kw, Trap=-kw["Trap"]))[0]
+
+    ok, detail = tm.fused_matches_pure(same, tm.mamba3_siso_scan, problem, config.chunk_size)
+    assert ok, detail
+    ok, detail = tm.fused_matches_pure(swapped_gate, tm.mamba3_siso_scan, problem, config.chunk_size)
+    assert not ok, detail
+    assert tm.choose_scan_backend(config, torch.device("cpu")) == "torch" and not tm.FUSED
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Smoke run of the script
+
+SMOKE_MODEL = {"DEPTH": 2, "D_MODEL": 64, "D_STATE": 16, "HEADDIM": 16, "CHUNK_SIZE": 16,
+               "DEVICE_BATCH_SIZE": 4, "TOTAL_BATCH_SIZE": 512}
+
+
+@pytest.mark.parametrize("architecture", ["mamba-2", "mamba-3"])
+def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architecture):
+    """python train_mamba.py on CPU under the smoke preset (its `train_mamba` section; the tiny model above if the
+    preset has none yet) prints the summary block with the MLX script's keys plus scan_backend."""
+    with open(os.environ["AUTORESEARCH_MLX_PRESET_FILE"]) as f:
+        preset = json.load(f)
+    if "train_mamba" not in preset:
+        preset["train_mamba"] = SMOKE_MODEL
+    preset_file = tmp_path / "smoke.json"
+    preset_file.write_text(json.dumps(preset))
+    env = dict(os.environ, AUTORESEARCH_MLX_PRESET_FILE=str(preset_file), AUTORESEARCH_MLX_ARCHITECTURE=architecture,
+               OMP_NUM_THREADS="1")  # shared cores: one thread avoids OpenMP spinning against other processes
+    done = subprocess.run([sys.executable, "train_mamba.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = done.stdout.split("\n---\n")[-1]
+    fields = dict(line.split(": ", 1) for line in summary.strip().splitlines())
+    keys = ["architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
+            "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "harness"]
+    assert list(fields) == keys
+    assert fields["architecture"] == architecture and fields["scan_backend"] == "torch"
+    for key in ("val_bpb", "training_seconds", "peak_memory_mb", "mfu_percent", "num_params_M"):
+        assert math.isfinite(float(fields[key])) and float(fields[key]) > 0, key
+    assert 0 < float(fields["val_bpb"]) < 20
+    assert int(fields["num_steps"]) >= 2
