@@ -254,7 +254,9 @@ def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_s
     theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
     q = rotate_pairs(_mamba3_heads(Q, Q_bias), theta[:, :, None])  # (b, l, r, h, n)
     k = rotate_pairs(_mamba3_heads(K, K_bias), theta[:, :, None])
-    up = (lambda x: x.unsqueeze(-3)) if mimo is None else (lambda x: x.unsqueeze(-3) * mimo[0].transpose(0, 1).to(x.dtype))
+    def up(x):  # x (..., h, p) -> per-rank values (..., r, h, p)
+        return x.unsqueeze(-3) if mimo is None else x.unsqueeze(-3) * mimo[0].transpose(0, 1).to(x.dtype)
+
     v = up(V)  # (b, l, r, h, p)
 
     start_state = None
@@ -447,7 +449,8 @@ def _random_scan_problem(kind, config, batch, length, device, dtype):
         qk = (batch, length, g, n) if kind == "siso" else (batch, length, r, g, n)
         bias = (h, n) if kind == "siso" else (h, r, n)
         problem = dict(Q=F.normalize(rand(*qk), dim=-1) * 4, K=F.normalize(rand(*qk), dim=-1) * 4,
-                       V=rand(batch, length, h, p), ADT=-dt.transpose(1, 2) * (0.5 + torch.rand(batch, h, length, generator=gen)),
+                       V=rand(batch, length, h, p),
+                       ADT=-dt.transpose(1, 2) * (0.5 + torch.rand(batch, h, length, generator=gen)),
                        DT=dt.transpose(1, 2), Trap=rand(batch, h, length), Q_bias=1 + 0.1 * rand(*bias),
                        K_bias=1 + 0.1 * rand(*bias), Angles=rand(batch, length, 1, a), D=rand(h),
                        Z=rand(batch, length, h, p))
@@ -634,7 +637,8 @@ class Mamba2(nn.Module):
 
     def scan_flops_per_token(self):
         """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script: per group,
-        C.B scores 2*Q*n; per head, the masked product with X 2*Q*p, the chunk state 2*p*n, the carried-state read 2*p*n."""
+        C.B scores 2*Q*n; per head, the masked product with X 2*Q*p, the chunk state 2*p*n, reading the carried state
+        2*p*n."""
         Q, n, p = self.chunk_size, self.d_state, self.headdim
         return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
 
@@ -746,7 +750,8 @@ class Mamba3(nn.Module):
 
     def step(self, u, state):  # u (b, d_model) -> (y (b, d_model), state): one token of recurrent decode
         inputs, z = self._project(u[:, None])
-        token = {name: value[:, :, 0] if name in ("ADT", "DT", "Trap") else value[:, 0] for name, value in inputs.items()}
+        token = {name: value[:, :, 0] if name in ("ADT", "DT", "Trap") else value[:, 0]
+                 for name, value in inputs.items()}
         z = z[:, 0]
         gate_in_step = not self.is_outproj_norm
         kwargs = dict(D=self.D, Z=z if gate_in_step else None, state=state)
@@ -761,7 +766,8 @@ class Mamba3(nn.Module):
 
     def scan_flops_per_token(self):
         """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script, per head:
-        scores 2*c*r*r*n, the masked product with v 2*c*r*r*p, the chunk state 2*r*p*n, the carried-state read 2*r*p*n."""
+        scores 2*c*r*r*n, the masked product with v 2*c*r*r*p, the chunk state 2*r*p*n, reading the carried state
+        2*r*p*n."""
         c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
         return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
 
@@ -873,9 +879,10 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        """Upstream (mamba_ssm) init, as the MLX script: embedding N(0, 0.02); linear layers keep uniform(+-1/sqrt(fan_in));
-        the projections that write into the residual stream (out_proj, fc2) are scaled by 1/sqrt(residual writes per
-        layer * depth) so the stream's variance does not grow with depth. The mixers initialise their own A, dt, D."""
+        """Upstream (mamba_ssm) init, as the MLX script: embedding N(0, 0.02); linear layers keep
+        uniform(+-1/sqrt(fan_in)); the projections that write into the residual stream (out_proj, fc2) are scaled by
+        1/sqrt(residual writes per layer * depth) so the stream's variance does not grow with depth. The mixers
+        initialise their own A, dt, D."""
         nn.init.normal_(self.embed.weight, std=0.02)
         writes = self.config.depth * (2 if self.config.mlp_expand > 0 else 1)
         for layer in self.layers:
@@ -933,7 +940,8 @@ class MambaLM(nn.Module):
 
 def matrix_parameters(model):
     """(name, weight) of every linear and conv weight: they get weight decay and MATRIX_LR, and the FLOP count."""
-    return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, (nn.Linear, CausalConv1d))]
+    return [(f"{path}.weight", m.weight) for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, CausalConv1d))]
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def make_config(args, **overrides):
 
 
 def random_batches(batch_size, seq_len, vocab_size, seed=0):
-    """Random token rows in the dataloader's format (int32 numpy inputs, targets, epoch): no tokenizer or data needed."""
+    """Random token rows in the dataloader's format (int32 numpy inputs, targets, epoch): no tokenizer or data."""
     rng = np.random.default_rng(seed)
     while True:
         block = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
@@ -87,9 +87,10 @@ def time_training_step(config, args, device):
 
 def bench_step(args, device, peak_flops, peak_source):
     tokens = args.batch * args.seq_len
-    print(f"\n== training step (fwd+bwd+clip+AdamW), depth {args.depth}, d_model {args.d_model}, d_state {args.d_state}, "
-          f"headdim {args.headdim}, chunk {args.chunk_size}, batch {args.batch} x {args.seq_len}, {args.dtype}, "
-          f"compile {args.compile}; MFU against {peak_flops / 1e12:.1f} TFLOP/s ({peak_source}) ==")
+    print(f"\n== training step (fwd+bwd+clip+AdamW), depth {args.depth}, d_model {args.d_model}, "
+          f"d_state {args.d_state}, headdim {args.headdim}, chunk {args.chunk_size}, "
+          f"batch {args.batch} x {args.seq_len}, {args.dtype}, compile {args.compile}; "
+          f"MFU against {peak_flops / 1e12:.1f} TFLOP/s ({peak_source}) ==")
     for name in args.variants:
         config = make_config(args, **VARIANTS[name])
         seconds, peak, model, backend = time_training_step(config, args, device)

@@ -14,7 +14,7 @@ import sys
 import prepare  # noqa: F401  (first, as everywhere: loads the fast BLAS before MLX)
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed (the optional `torch` extra: uv sync --extra torch)")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional extra: uv sync --extra torch)")
 
 import train_mamba as tm  # noqa: E402
 
@@ -108,7 +108,8 @@ def mamba3_inputs(b, l, h, g, n, p, a, rank=None, seed=0, heads_in_angles=True):
     gen = make_generator(seed)
     qk = (b, l, g, n) if rank is None else (b, l, rank, g, n)
     bias = (h, n) if rank is None else (h, rank, n)
-    inputs = dict(Q=randn(gen, *qk), K=randn(gen, *qk), V=randn(gen, b, l, h, p), ADT=-torch.rand(b, h, l, generator=gen),
+    inputs = dict(Q=randn(gen, *qk), K=randn(gen, *qk), V=randn(gen, b, l, h, p),
+                  ADT=-torch.rand(b, h, l, generator=gen),
                   DT=uniform(gen, 0.01, 0.6, b, h, l), Trap=2 * randn(gen, b, h, l), Q_bias=randn(gen, *bias),
                   K_bias=randn(gen, *bias), Angles=2 * randn(gen, b, l, h if heads_in_angles else 1, a),
                   D=randn(gen, h), Z=randn(gen, b, l, h, p))
