@@ -215,6 +215,19 @@ def test_gradients_match_recurrence(mimo, rank):
         assert_close(grads[1][i], ref_grads[1][i], tol=5e-5, what=f"d/d initial {name}")
 
 
+@pytest.mark.parametrize("mimo", [False, True])
+def test_state_passing_loop_equals_matmul(mimo, monkeypatch):
+    """Many chunks pass their states by a loop instead of the (C+1)^2 matmul: same results."""
+    rank = 2 if mimo else None
+    inputs = random_inputs(2, 21, 4, 2, 8, 4, 2, rank=rank, seed=17)
+    start = random_state(2, 4, 8, 4, 2, rank=rank)
+    by_matmul, state_matmul = scan(inputs, mimo, initial_states=start, chunk_size=4)
+    monkeypatch.setattr(m, "_MAMBA3_PASSING_MATMUL_MAX_CHUNKS", 0)
+    by_loop, state_loop = scan(inputs, mimo, initial_states=start, chunk_size=4)
+    assert_close(by_loop, by_matmul, what="output")
+    assert_states_close(state_loop, state_matmul)
+
+
 def test_strong_decay_stays_finite_and_exact():
     """Log-decays down to -300 per token (far beyond float32's exp range over a chunk): still the recurrence."""
     inputs = random_inputs(1, 40, 2, 1, 8, 4, 2, seed=7)
