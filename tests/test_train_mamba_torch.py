@@ -434,7 +434,8 @@ def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architectur
     keys = ["architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
             "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "harness"]
     assert list(fields) == keys
-    assert fields["architecture"] == architecture and fields["scan_backend"] == "torch"
+    assert fields["architecture"] == architecture
+    assert fields["scan_backend"] == "torch" or fields["scan_backend"].startswith("mamba_ssm.")  # fused: CUDA only
     for key in ("val_bpb", "training_seconds", "peak_memory_mb", "mfu_percent", "num_params_M"):
         assert math.isfinite(float(fields[key])) and float(fields[key]) > 0, key
     assert 0 < float(fields["val_bpb"]) < 20
