@@ -267,8 +267,10 @@ def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_s
 
     o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state)
     # The shifted term must not reach its own token: remove sigma_{t+1} sum_j (q~_{t,i} . k~_{t,j}) v_{t,j}.
-    qk = torch.einsum("blihn,bljhn->blhij", q, k)  # (b, l, h, r, r)
-    own = torch.einsum("blhij,bljhp->blihp", qk.to(v.dtype), v)
+    # (broadcast products and sums rather than einsum: r x r per token would be a huge batch of tiny matmuls on a GPU,
+    # while element-wise work fuses into one kernel under torch.compile)
+    qk = (q[:, :, :, None] * k[:, :, None]).sum(dim=-1)  # (b, l, r_i, r_j, h)
+    own = (qk[..., None].to(v.dtype) * v[:, :, None]).sum(dim=3)  # (b, l, r_i, h, p)
     o = o - sigma_next.to(o.dtype)[:, :, None, :, None] * own
     if D is not None:
         o = o + D.to(o.dtype)[:, None] * v
