@@ -178,6 +178,41 @@ def segsum(a):
     return mx.where(idx[:, None] >= idx[None, :], out, -mx.inf)
 
 
+def _linear_recurrence(decays, added, start):
+    """S_0 = start, S_{c+1} = decays[c] * S_c + added[c] over lists of arrays. Returns ([S_0 .. S_{n-1}], S_n)."""
+    entering = []
+    for decay_c, added_c in zip(decays, added):
+        entering.append(start)
+        start = decay_c * start + added_c
+    return entering, start
+
+
+@mx.custom_function
+def carry_states(decays, added, start):
+    """The recurrence over chunks: decays [b c h 1 1], added [b c h p n], start [b 1 h p n] -> (state entering each
+    chunk [b c h p n], final state [b 1 h p n]). A loop over c chunks, O(c) multiply-adds on [b h p n] states.
+    Its gradient is written out below because autodiff through the loop is ~20x slower on MLX's CPU backend (every
+    step's cotangents become full-size adds). The backward pass is the same recurrence run in reverse:
+    R_c = G_c + decays[c] * R_{c+1} from R_c = G_final, where G are the incoming cotangents of the outputs."""
+    c = decays.shape[1]
+    entering, final = _linear_recurrence(mx.split(decays, c, axis=1), mx.split(added, c, axis=1), start)
+    return mx.concatenate(entering, axis=1), final
+
+
+@carry_states.vjp
+def _carry_states_vjp(primals, cotangents, outputs):
+    decays, added, start = primals
+    grad_entering, grad_final = cotangents
+    entering, _ = outputs
+    c = decays.shape[1]
+    reversed_decays = mx.split(decays, c, axis=1)[::-1]
+    reversed_grads = mx.split(grad_entering, c, axis=1)[::-1]
+    after, grad_start = _linear_recurrence(reversed_decays, reversed_grads, grad_final)  # R_{c+1}, c = last .. 0
+    grad_added = mx.concatenate(after[::-1], axis=1)  # d S_{c+1} / d added[c] = 1
+    grad_decays = (grad_added * entering).sum(axis=(3, 4), keepdims=True)  # d S_{c+1} / d decays[c] = S_c
+    return grad_decays, grad_added, grad_start
+
+
 def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
     """Chunked SSD. X [b l h p], A [b l h], B, C [b l g n] (g divides h), initial_states [b h p n] or None.
     Returns (Y [b l h p] float32, final_state [b h p n] float32). Any length: the sequence is padded to a multiple of
@@ -209,20 +244,17 @@ def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
     X_to_end = X_to_end.transpose(0, 1, 2, 3, 5, 4).reshape(b, nc, g, hg * p, Q)
     chunk_states = (X_to_end @ Bc).reshape(b, nc, h, p, n)  # [b c h p n]
 
-    # 3. Carry the state across chunks: a loop over chunks, each step one multiply-add on [b h p n].
+    # 3. Carry the state across chunks (a loop over chunks, not tokens; see carry_states).
     chunk_decay = exp(A_cum[..., -1]).reshape(b, nc, h, 1, 1)  # total decay of each chunk
-    state = mx.zeros((b, h, p, n), mx.float32) if initial_states is None else initial_states.astype(mx.float32)
-    states_in = []
-    for c in range(nc):
-        states_in.append(state)
-        state = chunk_decay[:, c] * state + chunk_states[:, c]
-    states_in = mx.stack(states_in, axis=1).reshape(b, nc, g, hg * p, n)  # state entering each chunk
+    state = mx.zeros((b, 1, h, p, n), mx.float32) if initial_states is None else initial_states[:, None]
+    states_in, state = carry_states(chunk_decay, chunk_states, state.astype(mx.float32))
+    states_in = states_in.reshape(b, nc, g, hg * p, n)  # state entering each chunk
 
     # 4. Read the carried-in state, decayed from the chunk start to each position.
     Y_carried = (Cc @ states_in.swapaxes(-1, -2)).reshape(b, nc, g, Q, hg, p)  # [b c g Q hg p]
     Y_carried = Y_carried * exp(A_cum).transpose(0, 1, 2, 4, 3)[..., None]
     Y = Y.transpose(0, 1, 4, 2, 3, 5) + Y_carried.transpose(0, 1, 3, 2, 4, 5)  # [b c Q g hg p]
-    return Y.reshape(b, nc * Q, h, p)[:, :l], state
+    return Y.reshape(b, nc * Q, h, p)[:, :l], state[:, 0]
 
 
 def ssd_step(X, A, B, C, state):
@@ -397,11 +429,29 @@ class Mamba2(nn.Module):
 # cumprod gradient handles zeros) instead of exp(segsum), which would cost c exps per token.
 
 
+@mx.custom_function
+def _mamba3_cos_sin(theta):
+    """(cos, sin) of angles in [0, 2*pi] from plain arithmetic (MLX's CPU sin and cos cost ~35 ns per element): with
+    theta = 2y + pi, y in [-pi/2, pi/2], Taylor polynomials for sin y and cos y (error < 1e-7) and the double-angle
+    formulas cos theta = s^2 - c^2, sin theta = -2 s c."""
+    y = 0.5 * theta - 0.5 * math.pi
+    y2 = y * y
+    s = y * (1 + y2 * (-1 / 6 + y2 * (1 / 120 + y2 * (-1 / 5040 + y2 * (1 / 362880 + y2 * (-1 / 39916800))))))
+    c = 1 + y2 * (-1 / 2 + y2 * (1 / 24 + y2 * (-1 / 720 + y2 * (1 / 40320 + y2 * (-1 / 3628800 + y2 / 479001600)))))
+    return s * s - c * c, -2.0 * s * c
+
+
+@_mamba3_cos_sin.vjp
+def _mamba3_cos_sin_vjp(theta, cotangents, outputs):
+    (d_cos, d_sin), (cos, sin) = cotangents, outputs
+    return d_sin * cos - d_cos * sin
+
+
 def _mamba3_rotary_cos_sin(theta, n):
     """Per-dimension factors for rotating adjacent pairs: rot(x) = x * cos_full + pair_swap(x) * sin_full.
     theta `... a` -> cos_full, sin_full `... n` (pass-through dims get cos 1, sin 0)."""
     a = theta.shape[-1]
-    cos, sin = mx.cos(theta), mx.sin(theta)
+    cos, sin = _mamba3_cos_sin(theta) if ON_CPU else (mx.cos(theta), mx.sin(theta))
     cos_full = mx.stack([cos, cos], axis=-1).reshape(*theta.shape[:-1], 2 * a)
     sin_full = mx.stack([-sin, sin], axis=-1).reshape(*theta.shape[:-1], 2 * a)
     if 2 * a < n:
@@ -439,6 +489,55 @@ def _mamba3_cumulative_angles(increments, initial_angle, chunk_size):
     return theta[:, :, :l]
 
 
+_MAMBA3_PASSING_MATMUL_MAX_CHUNKS = 512  # state passing: one (C+1)^2 matmul up to this many chunks (measured faster than
+# a loop over 256 chunks), else a loop over chunks
+
+
+@mx.custom_function
+def _mamba3_decay_matrix(log_alpha):
+    """Decay matrix L[..., t, s] = prod_{s<u<=t} exp(log_alpha_u) for s <= t (1 on the diagonal), 0 above: `... c` ->
+    `... c c`. A cumulative product of the alphas down each column: exact and stable (factors in (0, 1] never
+    overflow), with c exps per chunk instead of c per token for exp(segsum)."""
+    c = log_alpha.shape[-1]
+    idx = mx.arange(c)
+    factors = mx.where(idx[:, None] > idx[None, :], exp(log_alpha)[..., :, None], 1.0)
+    return mx.where(idx[:, None] >= idx[None, :], mx.cumprod(factors, axis=-2), 0.0)
+
+
+@_mamba3_decay_matrix.vjp
+def _mamba3_decay_matrix_vjp(log_alpha, cotangent, decay):
+    """L[t, s] = exp(sum_{s<u<=t} a_u), so d loss / d a_u = sum over s < u <= t of cotangent[t, s] * L[t, s]: a reverse
+    cumulative sum down the columns, then a row sum left of the diagonal (four cheap passes, no division)."""
+    c = decay.shape[-1]
+    idx = mx.arange(c)
+    below_rows = mx.cumsum(cotangent * decay, axis=-2, reverse=True)  # [u, s] = sum_{t>=u} cotangent[t, s] L[t, s]
+    return mx.where(idx[:, None] > idx[None, :], below_rows, 0.0).sum(axis=-1)
+
+
+def _mamba3_pass_states(chunk_states, chunk_log_decay, start_state):
+    """The state entering each chunk and the final state, from each chunk's own end state `b h C p n`, its total log
+    decay `b h C` and the start state `b h p n`: entering[j] = sum_{i<=j} exp(decay of chunks i..j-1) * contrib[i]
+    with contrib = [start, chunk_states[0], ...]."""
+    b, h, n_chunks, p, n = chunk_states.shape
+    if n_chunks <= _MAMBA3_PASSING_MATMUL_MAX_CHUNKS:
+        # one (C+1) x (C+1) matmul; segment sums by a masked cumulative sum (not a difference of two long cumulative
+        # sums, which would lose float32 precision on long sequences)
+        totals = mx.pad(chunk_log_decay, [(0, 0), (0, 0), (1, 0)])  # b h (C+1)
+        idx = mx.arange(n_chunks + 1)
+        seg = mx.cumsum(mx.where(idx[:, None] > idx[None, :], totals[..., :, None], 0.0), axis=-2)
+        passing = exp(mx.where(idx[:, None] >= idx[None, :], seg, -mx.inf))  # b h (C+1) (C+1)
+        contributions = mx.concatenate([start_state[:, :, None], chunk_states], axis=2).reshape(b, h, -1, p * n)
+        states = (passing @ contributions).reshape(b, h, n_chunks + 1, p, n)
+        return states[:, :, :-1], states[:, :, -1]
+    # many chunks: a loop over chunks (not tokens), one multiply-add on `b h p n` each, linear in the chunk count
+    chunk_decay = exp(chunk_log_decay)[..., None, None]  # b h C 1 1
+    state, entering = start_state, []
+    for j in range(n_chunks):
+        entering.append(state)
+        state = chunk_decay[:, :, j] * state + chunk_states[:, :, j]
+    return mx.stack(entering, axis=2), state
+
+
 def _mamba3_chunked_core(q, k, v, log_alpha, state_weight, diag_weight, start_state, rank):
     """Chunked scan of P_t = alpha_t P_{t-1} + w_t sum_i v_{t,i} k_{t,i}^T with outputs
     o_{t,i} = P_t q_{t,i} - (w_t - gamma_t) sum_j (q_{t,i} . k_{t,j}) v_{t,j}, everything float32.
@@ -446,12 +545,7 @@ def _mamba3_chunked_core(q, k, v, log_alpha, state_weight, diag_weight, start_st
     q, k `b h C (c r) n`, v `b h C (c r) p` (token-major, rank-minor inside a chunk); log_alpha, state_weight (w),
     diag_weight (gamma) `b h C c`; start_state `b h p n`. Returns outputs `b h C (c r) p` and the final state."""
     b, h, n_chunks, c = log_alpha.shape
-    # Decay matrix L[t, s] = prod_{s<u<=t} alpha_u for s <= t, else 0: a cumulative product down each column.
-    alpha = exp(log_alpha)
-    below = mx.tril(mx.ones((c, c), dtype=mx.bool_), k=-1)
-    causal = mx.tril(mx.ones((c, c), dtype=mx.bool_))
-    factors = mx.where(below, alpha[..., :, None], 1.0)
-    decay = mx.where(causal, mx.cumprod(factors, axis=-2), 0.0)  # b h C c c
+    decay = _mamba3_decay_matrix(log_alpha)  # b h C c c
     # Weight of key s for query t: L[t, s] w_s below the diagonal, gamma_t on it (the shifted term of step t + 1 is
     # already in P_t but not yet in S_t).
     eye = mx.eye(c, dtype=mx.bool_)
@@ -468,20 +562,8 @@ def _mamba3_chunked_core(q, k, v, log_alpha, state_weight, diag_weight, start_st
     if rank > 1:
         to_end = mx.repeat(to_end, rank, axis=-1)
     chunk_states = (v * to_end[..., None]).swapaxes(-1, -2) @ k  # b h C p n
-    # Pass states across chunks: entering[j] = sum_{i<=j} decay(i..j) * contributions[i], with contributions
-    # [P_-1, chunk_states_0, ...]; a small (C+1) x (C+1) matmul.
     chunk_log_decay = mx.cumsum(log_alpha, axis=-1)  # b h C c, inclusive within chunk
-    totals = mx.pad(chunk_log_decay[..., -1], [(0, 0), (0, 0), (1, 0)])  # b h (C+1)
-    # segment sums seg[i, j] = sum_{j<u<=i} totals[u] by a masked cumulative sum (no difference of two long
-    # cumulative sums, which would lose float32 precision on long sequences)
-    chunk_below = mx.tril(mx.ones((n_chunks + 1, n_chunks + 1), dtype=mx.bool_), k=-1)
-    chunk_causal = mx.tril(mx.ones((n_chunks + 1, n_chunks + 1), dtype=mx.bool_))
-    seg = mx.cumsum(mx.where(chunk_below, totals[..., :, None], 0.0), axis=-2)
-    passing = exp(mx.where(chunk_causal, seg, -mx.inf))  # b h (C+1) (C+1)
-    contributions = mx.concatenate([start_state[:, :, None], chunk_states], axis=2)
-    p, n = start_state.shape[-2:]
-    states = (passing @ contributions.reshape(b, h, n_chunks + 1, p * n)).reshape(b, h, n_chunks + 1, p, n)
-    entering, final_state = states[:, :, :-1], states[:, :, -1]
+    entering, final_state = _mamba3_pass_states(chunk_states, chunk_log_decay[..., -1], start_state)
     # Read of the entering state, decayed from the chunk start to each token.
     from_start = exp(chunk_log_decay)
     if rank > 1:
@@ -837,6 +919,7 @@ class Mamba3(nn.Module):
         product with v 2*c*r*r*p, the chunk state 2*r*p*n and reading the carried state 2*r*p*n (c = chunk size)."""
         c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
         return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
+
 
 # =====================================================================================================================
 # SECTION: Hybrid blocks: the pattern, attention, mixture of experts, dense MLP
