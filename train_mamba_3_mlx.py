@@ -89,7 +89,7 @@ def _exp_from_polynomial(x):
     """exp(x) = 2^k * 2^f with k = round(x / ln 2), f in [-1/2, 1/2]: a polynomial for 2^f, the float32 bit pattern
     for 2^k. Saturates at 2^127 for large x and is exactly 0 below about -87.7 (never inf, never denormal)."""
     t = mx.clip(x.astype(mx.float32) * LOG2_E, -127.0, 127.0)
-    k = mx.round(t)
+    k = mx.floor(t + 0.5)  # round to nearest (floor fuses into the compiled kernel, mx.round does not)
     f = t - k
     c0, c1, c2, c3, c4, c5 = EXP2_COEFFS
     two_f = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * c5))))

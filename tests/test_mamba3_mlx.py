@@ -180,10 +180,11 @@ def test_initial_states_continue_a_sequence(mimo):
     assert_states_close(end_state, full_state)
 
 
-@pytest.mark.parametrize("mimo,rank", [(False, None), (True, 2), (True, 4)])
-def test_gradients_match_recurrence(mimo, rank):
+@pytest.mark.parametrize("mimo,rank,l,g,chunk", [(False, None, 13, 2, 4), (False, None, 33, 1, 8), (True, 1, 13, 2, 4),
+                                                  (True, 2, 13, 2, 4), (True, 4, 13, 1, 4), (True, 4, 21, 2, 8)])
+def test_gradients_match_recurrence(mimo, rank, l, g, chunk):
     """d(loss)/d(every input, parameter and initial state) of the chunked scan equals that of the recurrence."""
-    b, l, h, g, n, p, a = 2, 13, 4, 2, 8, 4, 2
+    b, h, n, p, a = 2, 4, 8, 4, 2
     inputs = random_inputs(b, l, h, g, n, p, a, rank=rank, seed=21)
     start = random_state(b, h, n, p, a, rank=rank)
     mx.random.seed(99)
@@ -200,7 +201,7 @@ def test_gradients_match_recurrence(mimo, rank):
 
     def chunked(args):
         ins, st = args
-        return loss_of(*scan(ins, mimo, initial_states=st, chunk_size=4))
+        return loss_of(*scan(ins, mimo, initial_states=st, chunk_size=chunk))
 
     def recurrent(args):
         ins, st = args
@@ -314,6 +315,17 @@ def test_block_forward_matches_decode(is_mimo, is_outproj_norm):
     for t in range(6, 11):
         y_t, st = block.step(x[:, t], st)
         assert_close(y_t, y[:, t], what=f"decode after prefill, token {t}")
+
+
+@pytest.mark.parametrize("is_mimo", [False, True])
+def test_block_bf16_activations(is_mimo):
+    """bf16 activations (COMPUTE_DTYPE on a GPU) give the float32 block's output up to bf16 rounding."""
+    block = make_block(is_mimo, True, chunk_size=4)
+    x = mx.random.normal((2, 11, 16))
+    y32 = block(x)
+    y16 = block(x.astype(mx.bfloat16))
+    assert y16.dtype == mx.bfloat16
+    assert_close(y16, y32, tol=3e-2, what="bf16 block output")
 
 
 def test_block_parameters_and_gradients():
