@@ -48,6 +48,24 @@ def _load_fast_blas():
 
 FAST_BLAS = _load_fast_blas()  # path of the loaded library, or None (then MLX uses its bundled BLAS)
 
+
+def _keep_large_buffers_in_heap():
+    """MLX's CPU backend allocates every array with malloc. glibc serves blocks of 32 MB and more with a fresh mmap
+    and unmaps them on free, so each training step page-faults its big activations in again: element-wise ops on
+    them ran at ~6 ns per element instead of 0.5-1. Raising the mmap and trim thresholds to 1 GB keeps such blocks in
+    the heap for reuse (a batched matmul went from 77 to 23 ms). Changes speed only, never results."""
+    if sys.platform != "linux" or os.environ.get("AUTORESEARCH_FAST_BLAS", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
+
+
+HEAP_TUNED = _keep_large_buffers_in_heap()
+
 import numpy as np  # noqa: E402  (after the BLAS: numpy must not pull MLX in first)
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -178,7 +196,7 @@ if EVAL_TOKENS % MAX_SEQ_LEN:
 
 def harness_line():
     """One line naming the preset and the fixed constants in force; printed at the start of every run."""
-    blas = os.path.basename(FAST_BLAS) if FAST_BLAS else "bundled"
+    blas = (os.path.basename(FAST_BLAS) if FAST_BLAS else "bundled") + (", malloc heap-tuned" if HEAP_TUNED else "")
     return (
         f"preset: {PRESET_NAME} ({PRESET_FILE}, chosen {PRESET_ORIGIN}) | MAX_SEQ_LEN={MAX_SEQ_LEN} "
         f"TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS} VOCAB_SIZE={VOCAB_SIZE} | blas: {blas}"
