@@ -1495,8 +1495,8 @@ def main():
         )
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
     print(f"model: hybrid {HYBRID_PATTERN} ({mamba_type}), {num_params / 1e6:.2f}M parameters, "
-          f"{num_active_params / 1e6:.2f}M active per token, d_model {D_MODEL}, {flops_per_token / 1e6:.1f} MFLOP/token, "
-          f"compute {str(compute_dtype).split('.')[-1]}, device {device_name()}")
+          f"{num_active_params / 1e6:.2f}M active per token, d_model {D_MODEL}, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, device {device_name()}")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
 
     optimizer = AdamW(model)
