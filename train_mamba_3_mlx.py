@@ -34,7 +34,8 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # tokens per chunk of the chunked scans (cost per token grows with it, overhead shrinks)
+CHUNK_SIZE = 0  # tokens per chunk of the chunked scans; 0 = each block's measured default (Mamba-2 64, Mamba-3
+# 64 // MIMO rank). Larger chunks cost more per token inside the chunk, smaller ones more state passing.
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
@@ -956,11 +957,11 @@ class ModelConfig:
 
 def make_mixer(c):
     if c.architecture == "mamba-2":
-        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size,
+        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size or 64,
                       c.dt_min, c.dt_max, c.dt_init_floor)
     if c.architecture == "mamba-3":
         return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,
-                      c.mimo_rank, c.is_outproj_norm, c.chunk_size, c.dt_min, c.dt_max, c.dt_init_floor)
+                      c.mimo_rank, c.is_outproj_norm, c.chunk_size or None, c.dt_min, c.dt_max, c.dt_init_floor)
     raise ValueError(f"Unknown ARCHITECTURE {c.architecture!r}: use 'mamba-3' or 'mamba-2'.")
 
 

@@ -77,7 +77,7 @@ CPU_SECONDS = [0.0]
 
 def bench_step(args):
     print(f"\n== training step (fwd+bwd+AdamW), depth {args.depth}, d_model {args.d_model}, d_state {args.d_state}, "
-          f"headdim {args.headdim}, chunk {args.chunk_size}, batch {args.batch} x {args.seq_len}, float32 ==")
+          f"headdim {args.headdim}, chunk {args.chunk_size or 'auto'}, batch {args.batch} x {args.seq_len}, float32 ==")
     tokens = args.batch * args.seq_len
     results = {}
     for name, overrides in VARIANTS.items():
@@ -114,35 +114,74 @@ def timed(fn, repeats):
     return float(np.median(times))
 
 
+def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
+    """Random inputs of one layer's scan (one B/C group), as (chunked call, one-token step call, step state)."""
+    mx.random.seed(0)
+    normal, uniform = mx.random.normal, mx.random.uniform
+    if kind == "mamba-2":
+        X, A = normal((b, l, h, p)) * 0.1, -uniform(0.001, 0.1, (b, l, h))
+        B, C = normal((b, l, 1, n)), normal((b, l, 1, n))
+        args = (X, A, B, C)
+        return (args, lambda X, A, B, C, Q: T.ssd_scan(X, A, B, C, Q)[0],
+                lambda X, A, B, C, t, s: T.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], s), mx.zeros((b, h, p, n)))
+    rank = r if kind == "mamba-3 MIMO r4" else 1
+    qk_shape = (b, l, rank, 1, n) if rank > 1 else (b, l, 1, n)
+    bias_shape = (h, rank, n) if rank > 1 else (h, n)
+    Qm, K = normal(qk_shape), normal(qk_shape)
+    V = normal((b, l, h, p))
+    DT = uniform(0.001, 0.1, (b, h, l))
+    ADT, Trap = -DT * uniform(1.0, 4.0, (b, h, l)), normal((b, h, l))
+    Q_bias, K_bias, Angles, D = mx.ones(bias_shape), mx.ones(bias_shape), normal((b, l, 1, a)), mx.ones((h,))
+    state = (mx.zeros((b, h, a)), mx.zeros((b, h, p, n)), mx.zeros((b, rank, h, n) if rank > 1 else (b, h, n)),
+             mx.zeros((b, h, p)))
+    args = (Qm, K, V, ADT, DT, Trap)
+    if rank == 1:
+        def scan(Qm, K, V, ADT, DT, Trap, chunk):
+            return T.mamba3_siso_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, chunk_size=chunk)[0]
+
+        def step(Qm, K, V, ADT, DT, Trap, t, s):
+            return T.mamba3_siso_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
+                                      K_bias, Angles[:, t], D, state=s)
+    else:
+        mimo = mx.full((h, rank, p), 1.0 / rank)
+
+        def scan(Qm, K, V, ADT, DT, Trap, chunk):
+            return T.mamba3_mimo_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, mimo, None, mimo, D,
+                                      chunk_size=chunk)[0]
+
+        def step(Qm, K, V, ADT, DT, Trap, t, s):
+            return T.mamba3_mimo_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
+                                      K_bias, Angles[:, t], mimo, None, mimo, D, state=s)
+    return args, scan, step, state
+
+
 def bench_scan(args):
-    """One layer's scan (forward + backward) on [batch, seq_len] at the config's heads, chunked vs token steps."""
+    """Each layer's scan (forward + backward), chunked against its one-token step run over the sequence."""
     b, l, p, n = args.batch, args.seq_len, args.headdim, args.d_state
     h = 2 * args.d_model // p
-    print(f"\n== scans alone, fwd+bwd, b={b} l={l} h={h} p={p} n={n}, chunk {args.chunk_size}, compiled ==")
-    mx.random.seed(0)
-    X = mx.random.normal((b, l, h, p)) * 0.1
-    A = -mx.random.uniform(0.001, 0.1, (b, l, h))
-    B, C = mx.random.normal((b, l, 1, n)), mx.random.normal((b, l, 1, n))
+    print(f"\n== scans alone, fwd+bwd (compiled), b={b} l={l} h={h} p={p} n={n}: chunked vs a loop of steps ==")
+    for kind, chunks in (("mamba-2", (16, 32, 64, 128)), ("mamba-3 SISO", (16, 32, 64, 128)),
+                         ("mamba-3 MIMO r4", (8, 16, 32))):
+        inputs, scan, step, state0 = scan_inputs(kind, b, l, h, p, n)
+        argnums = tuple(range(len(inputs)))
 
-    def by_steps(X, A, B, C):
-        state = mx.zeros((b, h, p, n))
-        ys = []
-        for t in range(l):
-            y, state = T.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], state)
-            ys.append(y)
-        return mx.stack(ys, axis=1), state
+        def by_steps(*inputs):
+            state, ys = state0, []
+            for t in range(l):
+                y, state = step(*inputs, t, state)
+                ys.append(y)
+            return mx.stack(ys, axis=1)
 
-    def fwd_bwd(scan):
-        grad = mx.compile(mx.grad(lambda X, A, B, C: scan(X, A, B, C)[0].sum(), argnums=(0, 1, 2, 3)))
-        return lambda: mx.eval(grad(X, A, B, C))
+        def fwd_bwd(fn):
+            grad = mx.compile(mx.grad(lambda *a: fn(*a).sum(), argnums=argnums))
+            return lambda: mx.eval(grad(*inputs))
 
-    chunked = timed(fwd_bwd(lambda *a: T.ssd_scan(*a, args.chunk_size)), args.steps)
-    stepped = timed(fwd_bwd(by_steps), 1)
-    print(f"ssd_scan (Mamba-2)   chunked {1000 * chunked:8.1f} ms   step loop {1000 * stepped:8.1f} ms   "
-          f"speed-up {stepped / chunked:5.1f}x   ({1e6 * chunked / (b * l):.1f} us/token)")
-    for Q in (16, 32, 64, 128):
-        t = timed(fwd_bwd(lambda *a, Q=Q: T.ssd_scan(*a, Q)), args.steps)
-        print(f"    ssd_scan chunk {Q:4d}: {1000 * t:8.1f} ms")
+        stepped = timed(fwd_bwd(by_steps), 1)
+        times = {Q: timed(fwd_bwd(lambda *a, Q=Q: scan(*a, Q)), args.steps) for Q in chunks}
+        best = min(times, key=times.get)
+        cells = "  ".join(f"c={Q}: {1000 * t:6.1f} ms" for Q, t in times.items())
+        print(f"{kind:16s} step loop {1000 * stepped:8.1f} ms | chunked {cells} | best c={best}: "
+              f"{stepped / times[best]:5.1f}x faster than steps, {1e6 * times[best] / (b * l):5.1f} us/token")
 
 
 def bench_dtype(args):
@@ -163,7 +202,7 @@ def main():
     parser.add_argument("--d-model", type=int, default=384)
     parser.add_argument("--d-state", type=int, default=32)
     parser.add_argument("--headdim", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=T.CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=T.CHUNK_SIZE, help="0 = each block's default")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--scaling-tokens", type=int, default=4096, help="tokens per step in the scaling runs")
