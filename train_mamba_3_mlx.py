@@ -57,7 +57,7 @@ ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
 GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-WARMUP_RATIO = 0.02  # fraction of the time budget spent ramping the learning rate up from 0
+WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rate up from 0 (0 = start at the peak)
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
@@ -75,9 +75,9 @@ ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or AR
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Element-wise helpers. On MLX's CPU backend a transcendental (exp, sigmoid, tanh) costs ~20 ns per element: it is not
-# vectorised, so it is as slow as ~40 adds, and exp/sigmoid/softmax rather than the matmuls would dominate a step.
-# `exp` below rebuilds exp from cheap ops that mx.compile fuses into one vectorised loop (~4x faster, relative error
-# < 4e-7 in float32). On a GPU the native ops are used. Everything else calls these helpers.
+# vectorised, so it is as slow as ~20-40 adds, and exp/sigmoid/softmax would rival the matmuls. `exp` below rebuilds
+# exp from cheap ops that mx.compile fuses into vectorised loops (2-4x faster than mx.exp, measured; relative error
+# < 4e-7 in float32), with its gradient written out. On a GPU the native ops are used. The blocks call these helpers.
 
 ON_CPU = mx.default_device() == mx.cpu
 LOG2_E = 1.4426950408889634
@@ -989,8 +989,12 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    """Pre-norm residual block. The residual stream stays float32 (upstream's residual_in_fp32); the normalised input of
+    the mixer and the MLP is cast to the compute dtype."""
+
+    def __init__(self, config, compute_dtype=mx.float32):
         super().__init__()
+        self.compute_dtype = compute_dtype
         self.norm = RMSNorm(config.d_model)
         self.mixer = make_mixer(config)
         if config.mlp_expand > 0:
@@ -998,16 +1002,16 @@ class Block(nn.Module):
             self.mlp = GatedMLP(config.d_model, config.mlp_expand * config.d_model)
 
     def __call__(self, x):
-        x = x + self.mixer(self.norm(x))
+        x = x + self.mixer(self.norm(x).astype(self.compute_dtype))
         if "mlp" in self:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x).astype(self.compute_dtype))
         return x
 
     def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
+        y, state = self.mixer.step(self.norm(x).astype(self.compute_dtype), state)
         x = x + y
         if "mlp" in self:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x).astype(self.compute_dtype))
         return x, state
 
 
@@ -1017,7 +1021,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.compute_dtype = compute_dtype
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = [Block(config) for _ in range(config.depth)]
+        self.layers = [Block(config, compute_dtype) for _ in range(config.depth)]
         self.norm_f = RMSNorm(config.d_model)
         self._init_weights()
 
@@ -1033,21 +1037,24 @@ class MambaLM(nn.Module):
                 proj.weight = proj.weight / math.sqrt(writes)
 
     def __call__(self, input_ids):  # [b l] int32 -> logits [b l vocab]
-        x = self.embed(input_ids).astype(self.compute_dtype)
+        x = self.embed(input_ids)  # float32 residual stream
         for layer in self.layers:
             x = layer(x)
-        return self.norm_f(x) @ self.embed.weight.astype(x.dtype).T  # tied unembedding
+        return self.unembed(self.norm_f(x))
+
+    def unembed(self, x):  # tied: logits against the embedding matrix, in the compute dtype
+        return x.astype(self.compute_dtype) @ self.embed.weight.astype(self.compute_dtype).T
 
     def init_cache(self, batch_size):
         return [layer.mixer.init_state(batch_size) for layer in self.layers]
 
     def step(self, token_ids, cache):  # [b] int32 -> (logits [b vocab], cache): one token, recurrent
-        x = self.embed(token_ids).astype(self.compute_dtype)
+        x = self.embed(token_ids)
         new_cache = []
         for layer, state in zip(self.layers, cache):
             x, state = layer.step(x, state)
             new_cache.append(state)
-        return self.norm_f(x) @ self.embed.weight.astype(x.dtype).T, new_cache
+        return self.unembed(self.norm_f(x)), new_cache
 
     def flops_per_token(self):
         """Training FLOPs per token for MFU: 6 * (weights that multiply activations: every linear and conv weight, and
@@ -1191,8 +1198,8 @@ def make_training_step(model, optimizer, grad_accum_steps):
 
 
 def resolve_compute_dtype():
-    """bf16 where the device runs it well (GPUs). On the MLX CPU backend bf16 matmuls bypass the BLAS and were ~15x
-    slower than float32 in a measured training step (bench/bench_mamba_mlx.py --dtype), so "auto" means float32 there."""
+    """bf16 where the device runs it well (GPUs). On the MLX CPU backend bf16 matmuls bypass the BLAS: the training
+    step measured ~12x slower than in float32 (`bench/bench_mamba_mlx.py --only dtype`), so "auto" is float32 there."""
     if COMPUTE_DTYPE == "auto":
         return mx.float32 if ON_CPU else mx.bfloat16
     return getattr(mx, COMPUTE_DTYPE)

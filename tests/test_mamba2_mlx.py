@@ -206,3 +206,18 @@ def test_lr_schedule_shape():
     assert abs(T.lr_multiplier(1.0) - T.FINAL_LR_FRAC) < 1e-9
     if T.WARMUP_RATIO > 0:
         assert T.lr_multiplier(0.0) == 0.0 and abs(T.lr_multiplier(T.WARMUP_RATIO / 2) - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize("architecture", ["mamba-2", "mamba-3"])
+def test_bfloat16_compute_stays_close_to_float32(architecture):
+    mx.random.seed(7)
+    model = T.MambaLM(tiny_config(architecture))
+    ids = mx.random.randint(0, 50, (2, 24)).astype(mx.int32)
+    logits32 = model(ids)
+    model16 = T.MambaLM(tiny_config(architecture), compute_dtype=mx.bfloat16)
+    model16.update(model.parameters())  # same float32 weights, bf16 activations
+    logits16 = model16(ids)
+    assert logits16.dtype == mx.bfloat16
+    close(logits16.astype(mx.float32), logits32, tol=5e-2)
+    loss = T.cross_entropy(logits16, ids)
+    assert np.isfinite(loss.item())
