@@ -34,7 +34,7 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 0  # tokens per chunk of the chunked scans; 0 = each block's measured default (Mamba-2 64, Mamba-3
+CHUNK_SIZE = 0  # tokens per chunk of the chunked scans; 0 = each block's measured default (Mamba-2 32, Mamba-3
 # 64 // MIMO rank). Larger chunks cost more per token inside the chunk, smaller ones more state passing.
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
@@ -162,7 +162,8 @@ def segsum(a):
 def segment_decay(a):
     """exp(segsum(a)): [..., T] -> [..., T, T], the decay from step j to step i (1 on the diagonal, 0 above it).
     Its gradient is written out (autodiff would retrace the selects and the cumulative sum): with P = cotangent * L,
-    d/da_u = sum over i >= u > j of P[i, j], a reverse cumulative sum down the columns, then a sum left of the diagonal."""
+    d/da_u = sum over i >= u > j of P[i, j]: a reverse cumulative sum down the columns, then a sum left of the
+    diagonal."""
     return exp(segsum(a))
 
 
@@ -955,10 +956,15 @@ class ModelConfig:
     mlp_expand: int = MLP_EXPAND
 
 
+MAMBA2_CHUNK = 32  # measured (bench/bench_mamba_mlx.py, d_state = headdim = 32, CPU): 32 beat 64 by 1-10% per
+# training step at lengths 512 and 2048, and the scan alone by ~1.5x; 16 ties with 32
+
+
 def make_mixer(c):
     if c.architecture == "mamba-2":
-        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size or 64,
-                      c.dt_min, c.dt_max, c.dt_init_floor)
+        chunk = c.chunk_size or MAMBA2_CHUNK
+        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, chunk, c.dt_min, c.dt_max,
+                      c.dt_init_floor)
     if c.architecture == "mamba-3":
         return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,
                       c.mimo_rank, c.is_outproj_norm, c.chunk_size or None, c.dt_min, c.dt_max, c.dt_init_floor)
@@ -1068,7 +1074,8 @@ class MambaLM(nn.Module):
 def matrix_parameters(model):
     """(name, weight) of every linear and conv weight, the parameters that multiply activations: they get weight
     decay and MATRIX_LR, and they are what the FLOP count counts."""
-    return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, (nn.Linear, CausalConv1d))]
+    modules = model.named_modules()
+    return [(f"{path}.weight", m.weight) for path, m in modules if isinstance(m, (nn.Linear, CausalConv1d))]
 
 
 def cross_entropy(logits, targets):
@@ -1230,7 +1237,8 @@ def main():
         )
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, device {device_name()}")
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, "
+          f"device {device_name()}")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
 
     optimizer = AdamW(model)

@@ -85,7 +85,8 @@ def bench_step(args):
         results[name] = tokens / seconds
         mfu_flops = model.flops_per_token() * tokens / seconds
         print(f"{name:16s} {tokens / seconds:8.0f} tok/s  {1000 * seconds:8.0f} ms/step  "
-              f"({tokens / CPU_SECONDS[0]:6.0f} tok per CPU-s)  peak {peak:7.0f} MiB  {mfu_flops / 1e9:6.1f} GFLOP/s model")
+              f"({tokens / CPU_SECONDS[0]:6.0f} tok per CPU-s)  peak {peak:7.0f} MiB  "
+              f"{mfu_flops / 1e9:6.1f} GFLOP/s model")
     siso = results["mamba-3 SISO"]
     print(f"ratios: MIMO/SISO time {siso / results['mamba-3 MIMO r4']:.2f}x, "
           f"Mamba-2/SISO speed {results['mamba-2'] / siso:.2f}x")
@@ -208,7 +209,8 @@ def main():
     parser.add_argument("--scaling-tokens", type=int, default=4096, help="tokens per step in the scaling runs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median reported)")
     args = parser.parse_args()
-    print(f"device: {T.device_name()} ({mx.default_device()}), blas: {os.path.basename(prepare.FAST_BLAS or 'bundled')}")
+    blas = os.path.basename(prepare.FAST_BLAS or "bundled")
+    print(f"device: {T.device_name()} ({mx.default_device()}), blas: {blas}")
     sections = {"step": bench_step, "scaling": bench_scaling, "scan": bench_scan, "dtype": bench_dtype}
     for name in args.only.split(","):
         sections[name.strip()](args)
