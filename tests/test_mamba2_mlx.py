@@ -221,3 +221,19 @@ def test_bfloat16_compute_stays_close_to_float32(architecture):
     close(logits16.astype(mx.float32), logits32, tol=5e-2)
     loss = T.cross_entropy(logits16, ids)
     assert np.isfinite(loss.item())
+
+
+def test_causal_conv1d_and_its_gradient_match_the_definition():
+    mx.random.seed(8)
+    x, w, bias = mx.random.normal((2, 9, 5)), mx.random.normal((4, 5)), mx.random.normal((5,))
+    g = mx.random.normal((2, 9, 5))
+
+    def reference(x, w, bias):  # out_t = bias + sum_k w[k] x_{t-3+k}, zero history, differentiated by autodiff
+        padded = mx.pad(x, [(0, 0), (3, 0), (0, 0)])
+        return bias + sum(w[k] * padded[:, k : k + 9] for k in range(4))
+
+    close(T.causal_conv1d(x, w, bias), reference(x, w, bias))
+    grads = mx.grad(lambda *a: (T.causal_conv1d(*a) * g).sum(), argnums=(0, 1, 2))(x, w, bias)
+    grads_ref = mx.grad(lambda *a: (reference(*a) * g).sum(), argnums=(0, 1, 2))(x, w, bias)
+    for a, b in zip(grads, grads_ref):
+        close(a, b, tol=1e-5)
