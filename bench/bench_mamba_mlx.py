@@ -47,62 +47,71 @@ def random_batches(batch_size, seq_len, vocab_size, seed=0):
         yield block[:, :-1], block[:, 1:], 1
 
 
-def time_training_step(config, batch_size, seq_len, steps, dtype=mx.float32):
-    """(seconds per step, peak memory MiB) of the script's compiled training step, after two warm-up steps."""
-    mx.random.seed(0)
-    model = T.MambaLM(config, dtype)
-    mx.eval(model.parameters())
-    optimizer = T.AdamW(model)
-    step = T.make_training_step(model, optimizer, grad_accum_steps=1)
-    batches = random_batches(batch_size, seq_len, config.vocab_size)
-    for _ in range(2):  # compile + first real step
-        step(batches, 1.0)[0].item()
-    mx.reset_peak_memory()
-    wall, cpu = [], []
-    for _ in range(steps):
+class TrainingStep:
+    """The script's compiled training step (grad_accum 1) on random tokens, compiled and warmed up by two steps.
+    peak_mib: the peak memory of those steps above what was in use before this model was built."""
+
+    def __init__(self, config, batch_size, seq_len, dtype=mx.float32):
+        mx.random.seed(0)
+        in_use = mx.get_active_memory()
+        mx.reset_peak_memory()
+        self.model = T.MambaLM(config, dtype)
+        mx.eval(self.model.parameters())
+        self.optimizer = T.AdamW(self.model)
+        self.step = T.make_training_step(self.model, self.optimizer, grad_accum_steps=1)
+        self.batches = random_batches(batch_size, seq_len, config.vocab_size)
+        self.tokens = batch_size * seq_len
+        for _ in range(2):  # compile + first real step
+            self.step(self.batches, 1.0)[0].item()
+        self.peak_mib = (mx.get_peak_memory() - in_use) / 1024**2
+
+    def run_once(self):
+        """(wall seconds, CPU seconds of all this process's threads) of one step."""
         t0, c0 = time.perf_counter(), time.process_time()
-        loss, _ = step(batches, 1.0)
-        loss.item()
-        mx.eval(model.state, optimizer.state)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    CPU_SECONDS[0] = float(np.median(cpu))
-    return float(np.median(wall)), mx.get_peak_memory() / 1024**2, model
+        self.step(self.batches, 1.0)[0].item()
+        mx.eval(self.model.state, self.optimizer.state)
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
-# CPU seconds of the last timed step (all threads of this process). On a machine shared with other jobs, wall time
-# includes waiting for a core; CPU time does not, so it is the steadier number for comparing variants.
-CPU_SECONDS = [0.0]
+def compare(steps_by_name, repeats):
+    """Median (wall, CPU) seconds per step of each, the steps interleaved round by round so that a change in the
+    machine's load (other jobs on a shared machine) hits every variant alike. CPU time leaves out waiting for a core;
+    with a multithreaded BLAS it counts every thread."""
+    times = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            times[name].append(step.run_once())
+    return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
 
 
 def bench_step(args):
     print(f"\n== training step (fwd+bwd+AdamW), depth {args.depth}, d_model {args.d_model}, d_state {args.d_state}, "
-          f"headdim {args.headdim}, chunk {args.chunk_size or 'auto'}, batch {args.batch} x {args.seq_len}, float32 ==")
-    tokens = args.batch * args.seq_len
-    results = {}
-    for name, overrides in VARIANTS.items():
-        seconds, peak, model = time_training_step(make_config(args, **overrides), args.batch, args.seq_len, args.steps)
-        results[name] = tokens / seconds
-        mfu_flops = model.flops_per_token() * tokens / seconds
-        print(f"{name:16s} {tokens / seconds:8.0f} tok/s  {1000 * seconds:8.0f} ms/step  "
-              f"({tokens / CPU_SECONDS[0]:6.0f} tok per CPU-s)  peak {peak:7.0f} MiB  "
-              f"{mfu_flops / 1e9:6.1f} GFLOP/s model")
-    siso = results["mamba-3 SISO"]
-    print(f"ratios: MIMO/SISO time {siso / results['mamba-3 MIMO r4']:.2f}x, "
-          f"Mamba-2/SISO speed {results['mamba-2'] / siso:.2f}x")
+          f"headdim {args.headdim}, chunk {args.chunk_size or 'auto'}, batch {args.batch} x {args.seq_len}, float32, "
+          f"variants interleaved ==")
+    steps = {name: TrainingStep(make_config(args, **overrides), args.batch, args.seq_len)
+             for name, overrides in VARIANTS.items()}
+    speed = {}
+    for name, (wall, cpu) in compare(steps, args.steps).items():
+        step = steps[name]
+        speed[name] = step.tokens / wall
+        model_flops = step.model.flops_per_token() * step.tokens / wall
+        print(f"{name:16s} {step.tokens / wall:8.0f} tok/s  {1000 * wall:8.0f} ms/step  "
+              f"({step.tokens / cpu:6.0f} tok per CPU-s)  peak {step.peak_mib:7.0f} MiB  "
+              f"{model_flops / 1e9:6.1f} GFLOP/s model")
+    print(f"ratios: MIMO/SISO time {speed['mamba-3 SISO'] / speed['mamba-3 MIMO r4']:.2f}x, "
+          f"Mamba-2/SISO speed {speed['mamba-2'] / speed['mamba-3 SISO']:.2f}x")
 
 
 def bench_scaling(args):
-    print(f"\n== sequence-length scaling: per-token time of the training step, {args.scaling_tokens} tokens/step ==")
+    print(f"\n== sequence-length scaling: per-token time of the training step, {args.scaling_tokens} tokens/step, "
+          f"lengths interleaved ==")
     lengths = [512, 1024, 2048, 4096]
     for name, overrides in VARIANTS.items():
-        row = []
-        for seq_len in lengths:
-            batch = max(1, args.scaling_tokens // seq_len)
-            seconds, _, _ = time_training_step(make_config(args, **overrides), batch, seq_len, args.steps)
-            row.append(1e6 * seconds / (batch * seq_len))
-        cells = "  ".join(f"{length}: {us:6.0f} us" for length, us in zip(lengths, row))
-        print(f"{name:16s} {cells}  | {lengths[-1]} vs {lengths[0]}: {row[-1] / row[0]:.2f}x")
+        steps = {length: TrainingStep(make_config(args, **overrides), max(1, args.scaling_tokens // length), length)
+                 for length in lengths}
+        us = {length: 1e6 * wall / steps[length].tokens for length, (wall, _) in compare(steps, args.steps).items()}
+        cells = "  ".join(f"{length}: {t:6.0f} us" for length, t in us.items())
+        print(f"{name:16s} {cells}  | {lengths[-1]} vs {lengths[0]}: {us[lengths[-1]] / us[lengths[0]]:.2f}x")
 
 
 def timed(fn, repeats):
@@ -189,11 +198,11 @@ def bench_dtype(args):
     print(f"\n== compute dtype: training step float32 vs bfloat16 (batch {args.batch} x {args.seq_len}) ==")
     for name in ("mamba-2", "mamba-3 SISO"):
         config = make_config(args, **VARIANTS[name])
-        tokens = args.batch * args.seq_len
-        fp32, _, _ = time_training_step(config, args.batch, args.seq_len, args.steps, mx.float32)
-        bf16, _, _ = time_training_step(config, args.batch, args.seq_len, args.steps, mx.bfloat16)
-        print(f"{name:16s} float32 {tokens / fp32:8.0f} tok/s   bfloat16 {tokens / bf16:8.0f} tok/s   "
-              f"-> {'float32' if fp32 <= bf16 else 'bfloat16'} is faster here")
+        steps = {dtype: TrainingStep(config, args.batch, args.seq_len, getattr(mx, dtype))
+                 for dtype in ("float32", "bfloat16")}
+        speed = {dtype: steps[dtype].tokens / wall for dtype, (wall, _) in compare(steps, args.steps).items()}
+        print(f"{name:16s} float32 {speed['float32']:8.0f} tok/s   bfloat16 {speed['bfloat16']:8.0f} tok/s   "
+              f"-> {max(speed, key=speed.get)} is faster here")
 
 
 def main():
