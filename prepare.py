@@ -729,7 +729,9 @@ def _measure_matmul_flops(backend, dtype, n=1024, seconds=1.0):
 
 
 def peak_flops(device_name, dtype, backend="mlx"):
-    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else a cached measurement of this device."""
+    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else the best matmul rate this device has
+    shown. Each call measures again (about a second) and keeps the maximum in the cache, so a measurement taken while
+    the machine was busy (it can read 3x low, which would inflate MFU) is replaced by the next quiet one."""
     for (name, kind), flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0][0])):
         if kind == dtype and device_name.startswith(name):
             return flops, "datasheet"
@@ -740,8 +742,9 @@ def peak_flops(device_name, dtype, backend="mlx"):
             measured = json.load(f)
     except (OSError, json.JSONDecodeError):
         measured = {}
-    if key not in measured:
-        measured[key] = _measure_matmul_flops(backend, dtype)
+    rate = _measure_matmul_flops(backend, dtype)
+    if rate > measured.get(key, 0.0):
+        measured[key] = rate
         os.makedirs(CACHE_DIR, exist_ok=True)
         with open(cache + ".tmp", "w") as f:
             json.dump(measured, f, indent=1)

@@ -43,7 +43,8 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # tokens per chunk of the chunked scans (cost per token grows with it, overhead shrinks)
+CHUNK_SIZE = 0  # tokens per chunk of the chunked scans; 0 = each block's measured default (Mamba-2 32, Mamba-3
+# 64 // MIMO rank). Larger chunks cost more per token inside the chunk, smaller ones more state passing.
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
@@ -95,9 +96,9 @@ apply_preset(globals(), "train_hybrid_moe_mlx")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Element-wise helpers. On MLX's CPU backend a transcendental (exp, sigmoid, tanh) costs ~20 ns per element: it is not
-# vectorised, so it is as slow as ~40 adds, and exp/sigmoid/softmax rather than the matmuls would dominate a step.
-# `exp` below rebuilds exp from cheap ops that mx.compile fuses into one vectorised loop (~4x faster, relative error
-# < 4e-7 in float32). On a GPU the native ops are used. Everything else calls these helpers.
+# vectorised, so it is as slow as ~20-40 adds, and exp/sigmoid/softmax would rival the matmuls. `exp` below rebuilds
+# exp from cheap ops that mx.compile fuses into vectorised loops (2-4x faster than mx.exp, measured; relative error
+# < 4e-7 in float32), with its gradient written out. On a GPU the native ops are used. The blocks call these helpers.
 
 ON_CPU = mx.default_device() == mx.cpu
 LOG2_E = 1.4426950408889634
@@ -182,7 +183,8 @@ def segsum(a):
 def segment_decay(a):
     """exp(segsum(a)): [..., T] -> [..., T, T], the decay from step j to step i (1 on the diagonal, 0 above it).
     Its gradient is written out (autodiff would retrace the selects and the cumulative sum): with P = cotangent * L,
-    d/da_u = sum over i >= u > j of P[i, j], a reverse cumulative sum down the columns, then a sum left of the diagonal."""
+    d/da_u = sum over i >= u > j of P[i, j]: a reverse cumulative sum down the columns, then a sum left of the
+    diagonal."""
     return exp(segsum(a))
 
 
@@ -300,10 +302,37 @@ class Linear(nn.Linear):
         return x @ self.weight.astype(x.dtype).T
 
 
+@mx.custom_function
+def causal_conv1d(x, weight, bias):
+    """Depthwise causal conv over time: x [b l c], weight [K c], bias [c] -> out_t = bias + sum_k weight[k] x_{t-K+1+k}.
+    K shifted multiply-adds, which mx.compile fuses (on CPU ~2.5x cheaper than a grouped convolution with one group
+    per channel). The gradient is written out: autodiff would scatter each shifted slice into a full-size zero array
+    (measured 2x slower)."""
+    K, l = weight.shape[0], x.shape[1]
+    padded = mx.pad(x, [(0, 0), (K - 1, 0), (0, 0)])
+    out = bias + weight[K - 1] * x
+    for k in range(K - 1):
+        out = out + weight[k] * padded[:, k : k + l]
+    return out
+
+
+@causal_conv1d.vjp
+def _causal_conv1d_vjp(primals, d_out, out):
+    """The transposed conv: x_s feeds out_{s+K-1-k} through weight[k], so d x_s = sum_k weight[k] d out_{s+K-1-k}."""
+    x, weight, bias = primals
+    K, l = weight.shape[0], x.shape[1]
+    padded_d_out = mx.pad(d_out, [(0, 0), (0, K - 1), (0, 0)])
+    d_x = weight[K - 1] * d_out
+    for k in range(K - 1):
+        d_x = d_x + weight[k] * padded_d_out[:, K - 1 - k : K - 1 - k + l]
+    padded_x = mx.pad(x, [(0, 0), (K - 1, 0), (0, 0)])
+    d_weight = mx.stack([(d_out * padded_x[:, k : k + l]).sum(axis=(0, 1)) for k in range(K)])
+    return d_x, d_weight, d_out.sum(axis=(0, 1))
+
+
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv over time with bias: out_t = bias + sum_k weight[:, k] * x_{t - K + 1 + k}. Written as K
-    shifted multiply-adds, which mx.compile fuses (cheaper on CPU than a grouped convolution with one group per
-    channel). Same init as torch's Conv1d: uniform(+-1/sqrt(K)) for weight and bias."""
+    """Depthwise causal conv1d with bias (see causal_conv1d). Same init as torch's Conv1d: uniform(+-1/sqrt(K)) for
+    weight and bias."""
 
     def __init__(self, channels, kernel_size):
         super().__init__()
@@ -312,13 +341,7 @@ class CausalConv1d(nn.Module):
         self.bias = mx.random.uniform(-bound, bound, (channels,))
 
     def __call__(self, x):  # x [b l c]
-        K, l = self.weight.shape[0], x.shape[1]
-        w = self.weight.astype(x.dtype)
-        x = mx.pad(x, [(0, 0), (K - 1, 0), (0, 0)])
-        out = self.bias.astype(x.dtype) + w[K - 1] * x[:, K - 1 :]
-        for k in range(K - 1):
-            out = out + w[k] * x[:, k : k + l]
-        return out
+        return causal_conv1d(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))
 
     def step(self, x, conv_state):  # x [b c], conv_state [b K-1 c]: the previous K-1 inputs
         window = mx.concatenate([conv_state, x[:, None]], axis=1)  # [b K c]
@@ -942,6 +965,7 @@ class Mamba3(nn.Module):
         return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
 
 
+
 # =====================================================================================================================
 # SECTION: Hybrid blocks: the pattern, attention, mixture of experts, dense MLP
 # =====================================================================================================================
@@ -1166,15 +1190,18 @@ class HybridConfig:
     dense_mlp_hidden: int = DENSE_MLP_HIDDEN
 
 
+MAMBA2_CHUNK = 32  # measured in train_mamba_3_mlx.py's bench (CPU): 32 beat 64 by 1-10% per training step
+
+
 def make_layer(kind, c):
     """The layer of one pattern character."""
     if kind == "M":
         if c.mamba_type == "mamba-2":
-            return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size,
+            return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size or MAMBA2_CHUNK,
                           c.dt_min, c.dt_max, c.dt_init_floor)
         if c.mamba_type == "mamba-3":
             return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,
-                          c.mimo_rank, c.is_outproj_norm, c.chunk_size, c.dt_min, c.dt_max, c.dt_init_floor)
+                          c.mimo_rank, c.is_outproj_norm, c.chunk_size or None, c.dt_min, c.dt_max, c.dt_init_floor)
         raise ValueError(f"Unknown MAMBA_TYPE {c.mamba_type!r}: use 'mamba-3' or 'mamba-2'.")
     if kind == "*":
         return CausalSelfAttention(c.d_model, c.num_attention_heads, c.num_kv_heads, c.attn_head_dim, c.rope_theta)

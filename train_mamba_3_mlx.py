@@ -23,7 +23,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters (canonical full-size defaults; the active preset may override them just below)
-# [owner: pure-Mamba helper A]
 
 # Model
 ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"; env AUTORESEARCH_MLX_ARCHITECTURE wins over this and the preset
@@ -70,7 +69,7 @@ apply_preset(globals(), "train_mamba_3_mlx")
 ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or ARCHITECTURE
 
 # =====================================================================================================================
-# SECTION: Mamba-2 (SSD scan, Mamba-2 block)  [owner: helper A]
+# SECTION: Mamba-2 (SSD scan, Mamba-2 block)
 # =====================================================================================================================
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,7 +407,7 @@ class Mamba2(nn.Module):
 
 
 # =====================================================================================================================
-# SECTION: Mamba-3 (SISO and MIMO scans, Mamba-3 block)  [owner: helper B]
+# SECTION: Mamba-3 (SISO and MIMO scans, Mamba-3 block)
 # =====================================================================================================================
 #
 # Conventions (shared by the chunked scans, the one-token step references and the block):
@@ -946,7 +945,7 @@ class Mamba3(nn.Module):
 
 
 # =====================================================================================================================
-# SECTION: Language model, generate  [owner: helper A]
+# SECTION: Language model, generate
 # =====================================================================================================================
 
 # The language model: a tied token embedding, DEPTH pre-norm residual blocks x = x + mixer(norm(x)) (with MLP_EXPAND > 0
@@ -1131,7 +1130,7 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 
 
 # =====================================================================================================================
-# SECTION: Optimizer, schedule, training loop, summary  [owner: helper A]
+# SECTION: Optimizer, schedule, training loop, summary
 # =====================================================================================================================
 
 # AdamW with three parameter groups: the embedding (EMBEDDING_LR), the matrices (MATRIX_LR), both with decoupled weight

@@ -335,3 +335,19 @@ def test_editing_the_harness_changes_the_fingerprint(prepared_cache, tmp_path):
     with open(tmp_path / "presets/smoke.json", "w") as f:
         f.write(open(os.path.join(ROOT, "presets/smoke.json")).read().replace('"TIME_BUDGET": 3', '"TIME_BUDGET": 4'))
     assert fingerprint() not in (original, edited)
+
+
+def test_measured_peak_keeps_the_best_rate_seen(monkeypatch, tmp_path):
+    """MFU's denominator on a CPU: a low reading (taken while the machine was busy) is replaced by a better one, and
+    a better cached one is kept over a worse new reading."""
+    import json
+
+    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
+    readings = iter([1e9, 5e9, 2e9])
+    monkeypatch.setattr(prepare, "_measure_matmul_flops", lambda backend, dtype: next(readings))
+    cache = tmp_path / "peak_flops.json"
+    assert prepare.peak_flops("Some CPU", "float32") == (1e9, "measured matmul")
+    assert prepare.peak_flops("Some CPU", "float32") == (5e9, "measured matmul")
+    assert prepare.peak_flops("Some CPU", "float32") == (5e9, "measured matmul")
+    assert list(json.loads(cache.read_text()).values()) == [5e9]
+    assert prepare.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")[1] == "datasheet"
