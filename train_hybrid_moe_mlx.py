@@ -81,7 +81,7 @@ ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
 GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-WARMUP_RATIO = 0.02  # fraction of the time budget spent ramping the learning rate up from 0
+WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rate up from 0 (0 = start at the peak)
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)

@@ -1,0 +1,69 @@
+"""
+Throughput benchmark of the fixed harness (a script, not a test), on the prepared cache of the active preset:
+
+  1. tokenizer: tiktoken encoding of training documents, characters/s and tokens/s;
+  2. dataloader: packed training batches per second from `make_dataloader` (tokenize + best-fit pack, in its
+     background thread), tokens/s, to compare with a training step's tokens/s (the loader must never be the
+     bottleneck);
+  3. evaluation: `evaluate_bpb` on a model whose work is almost nothing (uniform logits), so the figure is the
+     harness's own cost per evaluated token (row loading, the loss, the host sums). A real model's eval time is its
+     forward time plus this.
+
+Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8]`. Needs a prepared cache (`uv run
+prepare_mlx_mamba_3.py`).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import prepare  # noqa: E402  (first: the fast BLAS before MLX)
+import mlx.core as mx  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--batches", type=int, default=200, help="dataloader batches to time")
+    parser.add_argument("--batch", type=int, default=8, help="rows per batch")
+    args = parser.parse_args()
+    tokenizer = prepare.Tokenizer.from_directory()
+    seq_len = prepare.MAX_SEQ_LEN
+
+    texts = []
+    for batch in prepare.iter_texts("train"):
+        texts += batch
+        if sum(map(len, texts)) > 20_000_000:
+            break
+    chars = sum(map(len, texts))
+    start = time.perf_counter()
+    ids = tokenizer.encode(texts)
+    seconds = time.perf_counter() - start
+    tokens = sum(map(len, ids))
+    print(f"tokenizer encode: {len(texts):,} documents, {chars / seconds / 1e6:.1f}M chars/s, "
+          f"{tokens / seconds / 1e6:.2f}M tokens/s ({chars / tokens:.2f} chars/token)")
+
+    loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
+    next(loader)  # start-up: first shard open, first documents tokenized
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        inputs, targets, epoch = next(loader)
+    seconds = time.perf_counter() - start
+    print(f"dataloader: {args.batches} batches of {args.batch} x {seq_len}, "
+          f"{args.batches * args.batch * seq_len / seconds / 1e6:.2f}M tokens/s (epoch {epoch})")
+
+    vocab = tokenizer.get_vocab_size()
+    uniform = lambda inputs: mx.zeros((*inputs.shape, vocab))  # noqa: E731
+    prepare.load_val_rows()  # build the cached validation rows once, outside the timing
+    start = time.perf_counter()
+    bpb = prepare.evaluate_bpb(uniform, args.batch)
+    seconds = time.perf_counter() - start
+    print(f"evaluate_bpb harness cost: {prepare.EVAL_TOKENS:,} tokens in {seconds:.1f} s = "
+          f"{prepare.EVAL_TOKENS / seconds / 1e3:.0f}K tokens/s (uniform logits, val_bpb {bpb:.4f})")
+
+
+if __name__ == "__main__":
+    main()
