@@ -34,7 +34,7 @@ def main():
     seq_len = prepare.MAX_SEQ_LEN
 
     texts = []
-    for batch in prepare.iter_texts("train"):
+    for batch, _ in prepare.iter_texts("train"):
         texts += batch
         if sum(map(len, texts)) > 20_000_000:
             break
