@@ -321,8 +321,9 @@ def test_optimizer_groups_and_schedule():
     assert groups[2]["weight_decay"] == 0
     for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias"):
         assert any(n.endswith(no_decay) for n in scalars), no_decay
-    assert tm.lr_multiplier(0.0) == 0.0 and tm.lr_multiplier(0.3) == 1.0
+    assert tm.lr_multiplier(1.0 - tm.WARMDOWN_RATIO) == 1.0
     assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
+    assert tm.lr_multiplier(0.0) == (0.0 if tm.WARMUP_RATIO > 0 else 1.0)  # no warmup: the first step at the peak
 
 
 # ---------------------------------------------------------------------------------------------------------------------
