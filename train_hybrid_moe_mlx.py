@@ -349,9 +349,15 @@ class CausalConv1d(nn.Module):
         return out.astype(x.dtype), window[:, 1:]
 
 
+MAMBA2_CHUNK = 32  # measured (bench/bench_mamba_mlx.py, d_state = headdim = 32, CPU): 32 beat 64 by 1-10% per
+# training step at lengths 512 and 2048, and the scan alone by ~1.5x; 16 ties with 32
+
+
 class Mamba2(nn.Module):
     def __init__(self, d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, dt_min, dt_max, dt_init_floor):
+        """chunk_size: tokens per chunk of the SSD scan; None picks the measured default MAMBA2_CHUNK."""
         super().__init__()
+        chunk_size = chunk_size or MAMBA2_CHUNK
         self.d_inner = expand * d_model
         assert self.d_inner % headdim == 0, "expand * d_model must be a multiple of headdim"
         self.nheads = self.d_inner // headdim
@@ -1190,14 +1196,11 @@ class HybridConfig:
     dense_mlp_hidden: int = DENSE_MLP_HIDDEN
 
 
-MAMBA2_CHUNK = 32  # measured in train_mamba_3_mlx.py's bench (CPU): 32 beat 64 by 1-10% per training step
-
-
 def make_layer(kind, c):
     """The layer of one pattern character."""
     if kind == "M":
         if c.mamba_type == "mamba-2":
-            return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size or MAMBA2_CHUNK,
+            return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size or None,
                           c.dt_min, c.dt_max, c.dt_init_floor)
         if c.mamba_type == "mamba-3":
             return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,

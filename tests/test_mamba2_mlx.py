@@ -201,11 +201,13 @@ def test_optimizer_groups_and_no_weight_decay_on_ssm_parameters():
             assert decay == T.WEIGHT_DECAY, name
 
 
-def test_lr_schedule_shape():
+def test_lr_schedule_shape(monkeypatch):
     assert T.lr_multiplier(1.0 - T.WARMDOWN_RATIO) == 1.0
     assert abs(T.lr_multiplier(1.0) - T.FINAL_LR_FRAC) < 1e-9
-    if T.WARMUP_RATIO > 0:
-        assert T.lr_multiplier(0.0) == 0.0 and abs(T.lr_multiplier(T.WARMUP_RATIO / 2) - 0.5) < 1e-9
+    monkeypatch.setattr(T, "WARMUP_RATIO", 0.0)
+    assert T.lr_multiplier(0.0) == 1.0  # no warmup: the first step runs at the peak
+    monkeypatch.setattr(T, "WARMUP_RATIO", 0.1)
+    assert T.lr_multiplier(0.0) == 0.0 and abs(T.lr_multiplier(0.05) - 0.5) < 1e-9 and T.lr_multiplier(0.1) == 1.0
 
 
 @pytest.mark.parametrize("architecture", ["mamba-2", "mamba-3"])

@@ -310,7 +310,7 @@ def test_prefill_and_step_match_forward(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_optimizer_groups_and_schedule():
+def test_optimizer_groups_and_schedule(monkeypatch):
     model = perturbed_model(ARCHITECTURES["mamba-2"])
     groups = tm.make_optimizer(model, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
@@ -323,7 +323,10 @@ def test_optimizer_groups_and_schedule():
         assert any(n.endswith(no_decay) for n in scalars), no_decay
     assert tm.lr_multiplier(1.0 - tm.WARMDOWN_RATIO) == 1.0
     assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
-    assert tm.lr_multiplier(0.0) == (0.0 if tm.WARMUP_RATIO > 0 else 1.0)  # no warmup: the first step at the peak
+    monkeypatch.setattr(tm, "WARMUP_RATIO", 0.0)
+    assert tm.lr_multiplier(0.0) == 1.0  # no warmup: the first step runs at the peak
+    monkeypatch.setattr(tm, "WARMUP_RATIO", 0.1)
+    assert tm.lr_multiplier(0.0) == 0.0 and tm.lr_multiplier(0.05) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def test_optimizer_groups_and_schedule():
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_logits_match_mlx_model(name):
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
@@ -363,7 +366,7 @@ def test_logits_match_mlx_model(name):
 def test_training_steps_match_mlx_script(name):
     """From the same weights and batches, the scripts' own training steps (optimizer groups, clip, AdamW, gradient
     accumulation, schedule multiplier) give the same losses and the same weights: the training dynamics agree."""
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
