@@ -1,18 +1,21 @@
 """
 Throughput benchmark of train_hybrid_moe_mlx.py (a script, not a test). Measures, on the current MLX device:
 
-  1. training step (forward + backward + AdamW update, the script's own compiled step): tokens/s, ms/step and peak
-     memory of the local configuration (pattern ME*EM, d_model 256, 4 experts, batch 4 x 512) and of the script's
+  1. training step (forward + backward + AdamW update, the script's own compiled step): tokens/s and ms/step of
+     the local configuration (pattern ME*EM, d_model 256, 4 experts, batch 4 x 512) and of the script's
      full-size default (pattern MEM*EME, d_model 512, 8 experts; batch 1 x 2048 here, to keep a CPU run short);
   2. the MoE layer alone (forward + backward) as the expert count grows at fixed top-k: routed dispatch (only the
      chosen experts run) against a dense all-experts reference. Routed cost should stay flat in the expert count.
 
 Run: `uv run bench/bench_hybrid_mlx.py [--only step,moe] [--steps 3] [--rounds 5] [--mamba-type mamba-2]`.
+With --against FILE (another copy of the script, e.g. `git show main:train_hybrid_moe_mlx.py > /tmp/base.py`), each
+training-step configuration runs in both versions, steps interleaved, with the ratio new / base.
 Timings on a shared machine are noisy: compare the figures printed side by side in one run (the MoE sizes are timed
 in interleaved rounds and the best round of each is kept).
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -37,11 +40,19 @@ CONFIGS = {
 }
 
 
-def make_config(fields, mamba_type):
+def make_config(fields, mamba_type, module=H):
     base = dict(mamba_type=mamba_type, vocab_size=prepare.VOCAB_SIZE, expand=2, ngroups=1, chunk_size=64,
                 shared_expert_hidden=0, dense_mlp_hidden=1024, is_mimo=False)
     base.update(fields)
-    return H.HybridConfig(**base)
+    return module.HybridConfig(**base)
+
+
+def load_script(path):
+    """Import another copy of the training script under its own module name (its preset lines print again)."""
+    spec = importlib.util.spec_from_file_location("base_hybrid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_batches(batch_size, seq_len, vocab_size, seed=0):
@@ -53,28 +64,34 @@ def random_batches(batch_size, seq_len, vocab_size, seed=0):
 
 def bench_step(args):
     print(f"\n== training step (fwd+bwd+AdamW, the script's compiled step), {args.mamba_type}, float32 ==")
+    versions = {"": H} if not args.against else {"": H, " base": load_script(args.against)}
+    runs = {}
     for name, (fields, batch, seq_len) in CONFIGS.items():
-        mx.random.seed(0)
-        model = H.HybridLM(make_config(fields, args.mamba_type))
-        mx.eval(model.parameters())
-        optimizer = H.AdamW(model)
-        step = H.make_training_step(model, optimizer, grad_accum_steps=1)
-        batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
-        for _ in range(2):  # compile + one real step
-            step(batches, 1.0)[0].item()
-        mx.reset_peak_memory()
-        times = []
-        for _ in range(args.steps):
+        for suffix, module in versions.items():
+            mx.random.seed(0)
+            model = module.HybridLM(make_config(fields, args.mamba_type, module))
+            mx.eval(model.parameters())
+            step = module.make_training_step(model, module.AdamW(model), grad_accum_steps=1)
+            batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
+            for _ in range(2):  # compile + one real step
+                step(batches, 1.0)[0].item()
+            runs[name + suffix] = (model, step, batches, batch * seq_len, seq_len, [])
+    for _ in range(args.steps):  # interleaved, so a change in the machine's load hits every run alike
+        for model, step, batches, tokens, seq_len, times in runs.values():
             t0 = time.perf_counter()
             step(batches, 1.0)[0].item()
             times.append(time.perf_counter() - t0)
+    speed = {}
+    for name, (model, step, batches, tokens, seq_len, times) in runs.items():
         seconds = float(np.median(times))
-        tokens = batch * seq_len
-        print(f"{name:8s} {fields['pattern']:8s} {model.num_params() / 1e6:5.2f}M params "
-              f"({model.num_active_params() / 1e6:5.2f}M active)  batch {batch} x {seq_len}: "
+        speed[name] = tokens / seconds
+        print(f"{name:13s} {model.config.pattern:8s} {model.num_params() / 1e6:5.2f}M params "
+              f"({model.num_active_params() / 1e6:5.2f}M active)  {tokens // seq_len} x {seq_len}: "
               f"{tokens / seconds:8.0f} tok/s  {1000 * seconds:7.0f} ms/step  "
-              f"peak {mx.get_peak_memory() / 2**20:6.0f} MiB  "
               f"{model.flops_per_token(seq_len) * tokens / seconds / 1e9:5.1f} GFLOP/s model")
+    if args.against:
+        print(f"this script / {args.against}: " + ", ".join(f"{name} {speed[name] / speed[name + ' base']:.2f}x"
+                                                             for name in CONFIGS))
 
 
 def bench_moe(args):
@@ -126,6 +143,7 @@ def main():
     parser.add_argument("--mamba-type", default="mamba-3", choices=["mamba-3", "mamba-2"])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of the MoE sizes (best kept)")
+    parser.add_argument("--against", default=None, help="another copy of train_hybrid_moe_mlx.py to compare steps with")
     parser.add_argument("--moe-experts", default="4,8,16", help="expert counts to compare, the first is the base")
     parser.add_argument("--moe-top-k", type=int, default=2)
     parser.add_argument("--moe-d-model", type=int, default=256)

@@ -7,23 +7,30 @@ Throughput benchmark of train_mamba_3_mlx.py (a script, not a test). Measures, o
   3. the scans alone (forward + backward) against their one-token step forms run over the sequence;
   4. with --dtype, the training step in float32 against bfloat16 (what COMPUTE_DTYPE="auto" is based on).
 
+With --against FILE (another copy of the script, e.g. `git show main:train_mamba_3_mlx.py > /tmp/base.py`), the
+training step of every variant runs in both versions, interleaved in one run, with the ratio new / base: the check
+for any change to a hot path.
+
 Default configuration = the local comparison config (depth 4, d_model 384, d_state 32, headdim 32, batch 4 x 512).
-Run: `uv run bench/bench_mamba_mlx.py [--only step,scaling,scan,dtype] [--steps 3] [--depth 4 ...]`.
+Run: `uv run bench/bench_mamba_mlx.py [--only step,scaling,scan,dtype] [--steps 3] [--depth 4 ...] [--against FILE]`.
 Timings on a shared machine are noisy: compare the ratios printed side by side in one run.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # mlx_reference: the one-token step forms
 
 import prepare  # noqa: E402  (first: the fast BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import mlx_reference as R  # noqa: E402
 import train_mamba_3_mlx as T  # noqa: E402
 
 VARIANTS = {  # name -> ModelConfig overrides
@@ -33,11 +40,19 @@ VARIANTS = {  # name -> ModelConfig overrides
 }
 
 
-def make_config(args, **overrides):
+def make_config(args, module=T, **overrides):
     fields = dict(vocab_size=prepare.VOCAB_SIZE, depth=args.depth, d_model=args.d_model, d_state=args.d_state,
                   headdim=args.headdim, expand=2, ngroups=1, chunk_size=args.chunk_size, mlp_expand=0)
     fields.update(overrides)
-    return T.ModelConfig(**fields)
+    return module.ModelConfig(**fields)
+
+
+def load_script(path):
+    """Import another copy of the training script under its own module name (its preset lines print again)."""
+    spec = importlib.util.spec_from_file_location("base_" + os.path.basename(path).replace(".py", ""), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_batches(batch_size, seq_len, vocab_size, seed=0):
@@ -51,14 +66,14 @@ class TrainingStep:
     """The script's compiled training step (grad_accum 1) on random tokens, compiled and warmed up by two steps.
     peak_mib: the peak memory of those steps above what was in use before this model was built."""
 
-    def __init__(self, config, batch_size, seq_len, dtype=mx.float32):
+    def __init__(self, config, batch_size, seq_len, dtype=mx.float32, module=T):
         mx.random.seed(0)
         in_use = mx.get_active_memory()
         mx.reset_peak_memory()
-        self.model = T.MambaLM(config, dtype)
+        self.model = module.MambaLM(config, dtype)
         mx.eval(self.model.parameters())
-        self.optimizer = T.AdamW(self.model)
-        self.step = T.make_training_step(self.model, self.optimizer, grad_accum_steps=1)
+        self.optimizer = module.AdamW(self.model)
+        self.step = module.make_training_step(self.model, self.optimizer, grad_accum_steps=1)
         self.batches = random_batches(batch_size, seq_len, config.vocab_size)
         self.tokens = batch_size * seq_len
         for _ in range(2):  # compile + first real step
@@ -90,6 +105,10 @@ def bench_step(args):
           f"variants interleaved ==")
     steps = {name: TrainingStep(make_config(args, **overrides), args.batch, args.seq_len)
              for name, overrides in VARIANTS.items()}
+    if args.against:
+        base = load_script(args.against)
+        steps.update({f"{name} base": TrainingStep(make_config(args, base, **overrides), args.batch, args.seq_len,
+                                                   module=base) for name, overrides in VARIANTS.items()})
     speed = {}
     for name, (wall, cpu) in compare(steps, args.steps).items():
         step = steps[name]
@@ -100,6 +119,9 @@ def bench_step(args):
               f"{model_flops / 1e9:6.1f} GFLOP/s model")
     print(f"ratios: MIMO/SISO time {speed['mamba-3 SISO'] / speed['mamba-3 MIMO r4']:.2f}x, "
           f"Mamba-2/SISO speed {speed['mamba-2'] / speed['mamba-3 SISO']:.2f}x")
+    if args.against:
+        print(f"this script / {args.against}: " + ", ".join(f"{name} {speed[name] / speed[name + ' base']:.2f}x"
+                                                             for name in VARIANTS))
 
 
 def bench_scaling(args):
@@ -133,7 +155,7 @@ def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
         B, C = normal((b, l, 1, n)), normal((b, l, 1, n))
         args = (X, A, B, C)
         return (args, lambda X, A, B, C, Q: T.ssd_scan(X, A, B, C, Q)[0],
-                lambda X, A, B, C, t, s: T.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], s), mx.zeros((b, h, p, n)))
+                lambda X, A, B, C, t, s: R.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], s), mx.zeros((b, h, p, n)))
     rank = r if kind == "mamba-3 MIMO r4" else 1
     qk_shape = (b, l, rank, 1, n) if rank > 1 else (b, l, 1, n)
     bias_shape = (h, rank, n) if rank > 1 else (h, n)
@@ -150,7 +172,7 @@ def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
             return T.mamba3_siso_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, chunk_size=chunk)[0]
 
         def step(Qm, K, V, ADT, DT, Trap, t, s):
-            return T.mamba3_siso_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
+            return R.mamba3_siso_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
                                       K_bias, Angles[:, t], D, state=s)
     else:
         mimo = mx.full((h, rank, p), 1.0 / rank)
@@ -160,7 +182,7 @@ def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
                                       chunk_size=chunk)[0]
 
         def step(Qm, K, V, ADT, DT, Trap, t, s):
-            return T.mamba3_mimo_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
+            return R.mamba3_mimo_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
                                       K_bias, Angles[:, t], mimo, None, mimo, D, state=s)
     return args, scan, step, state
 
@@ -217,6 +239,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--scaling-tokens", type=int, default=4096, help="tokens per step in the scaling runs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median reported)")
+    parser.add_argument("--against", default=None, help="another copy of train_mamba_3_mlx.py to compare steps with")
     args = parser.parse_args()
     blas = os.path.basename(prepare.FAST_BLAS or "bundled")
     print(f"device: {T.device_name()} ({mx.default_device()}), blas: {blas}")

@@ -182,16 +182,16 @@ def test_attention_matches_reference(heads, kv_heads):
     mx.random.seed(0)
     attn = h.CausalSelfAttention(32, heads, kv_heads, head_dim=8, rope_theta=100.0)
     x = mx.random.normal((2, 13, 32))
-    assert_close(attn(x), attention_reference(attn, x), 1e-5, "attention")
+    assert_close(attn(x)[0], attention_reference(attn, x), 1e-5, "attention")
 
 
 def test_attention_is_causal():
     mx.random.seed(0)
     attn = h.CausalSelfAttention(32, 4, 2, head_dim=8, rope_theta=10000.0)
     x = mx.random.normal((1, 12, 32))
-    y = attn(x)
+    y, _ = attn(x)
     changed = mx.concatenate([x[:, :7], x[:, 7:8] + 1.0, x[:, 8:]], axis=1)  # change token 7 only
-    y_changed = attn(changed)
+    y_changed, _ = attn(changed)
     assert mx.max(mx.abs(y_changed[:, :7] - y[:, :7])).item() <= 1e-6  # earlier outputs unchanged
     assert mx.max(mx.abs(y_changed[:, 7:] - y[:, 7:])).item() > 1e-3  # token 7 and later see the change
 
@@ -200,18 +200,18 @@ def test_attention_cached_decode_matches_forward():
     mx.random.seed(0)
     attn = h.CausalSelfAttention(32, 4, 2, head_dim=8, rope_theta=10000.0)
     x = mx.random.normal((2, 10, 32))
-    y = attn(x)
-    state = attn.init_state(2)
+    y, _ = attn(x)
+    cache = None
     for t in range(10):
-        y_t, state = attn.step(x[:, t], state)
-        assert_close(y_t, y[:, t], 1e-5, f"decode token {t}")
-    assert state[0].shape == (2, 2, 10, 8)  # keys of all 10 tokens, one per key/value head
-    # Prefill 6 tokens with the cache, then decode the rest.
-    y_pre, cache = attn._attend(x[:, :6], attn.init_state(2))
+        y_t, cache = attn(x[:, t : t + 1], cache)
+        assert_close(y_t[:, 0], y[:, t], 1e-5, f"decode token {t}")
+    assert cache[0].shape == (2, 2, 10, 8)  # keys of all 10 tokens, one per key/value head
+    # Prefill 6 tokens, then decode the rest with the cache.
+    y_pre, cache = attn(x[:, :6])
     assert_close(y_pre, y[:, :6], 1e-5, "prefill")
     for t in range(6, 10):
-        y_t, cache = attn.step(x[:, t], cache)
-        assert_close(y_t, y[:, t], 1e-5, f"decode after prefill, token {t}")
+        y_t, cache = attn(x[:, t : t + 1], cache)
+        assert_close(y_t[:, 0], y[:, t], 1e-5, f"decode after prefill, token {t}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,15 +219,15 @@ def test_attention_cached_decode_matches_forward():
 
 
 @pytest.mark.parametrize("mamba_type,pattern", [("mamba-3", "M*E-M"), ("mamba-2", "M*E-M"), ("mamba-3", "*E")])
-def test_forward_matches_step_by_step_decode(mamba_type, pattern):
+def test_forward_matches_token_by_token_decode(mamba_type, pattern):
     mx.random.seed(0)
     model = h.HybridLM(tiny_config(mamba_type=mamba_type, pattern=pattern, shared_expert_hidden=8))
     ids = mx.random.randint(0, 64, (2, 11)).astype(mx.int32)
     logits = model(ids)
     assert logits.shape == (2, 11, 64)
-    cache = model.init_cache(2)
+    cache = [None] * len(model.layers)
     for t in range(ids.shape[1]):
-        step_logits, cache = model.step(ids[:, t], cache)
+        step_logits = model(ids[:, t : t + 1], cache)[:, 0]
         assert_close(step_logits, logits[:, t], 2e-5, f"token {t}")
 
 
@@ -235,9 +235,9 @@ def test_mimo_mamba_in_the_hybrid():
     mx.random.seed(0)
     model = h.HybridLM(tiny_config(pattern="ME*", is_mimo=True, mimo_rank=2))
     ids = mx.random.randint(0, 64, (1, 7)).astype(mx.int32)
-    logits, cache = model(ids), model.init_cache(1)
+    logits, cache = model(ids), [None] * len(model.layers)
     for t in range(7):
-        step_logits, cache = model.step(ids[:, t], cache)
+        step_logits = model(ids[:, t : t + 1], cache)[:, 0]
         assert_close(step_logits, logits[:, t], 2e-5, f"token {t}")
 
 
@@ -304,10 +304,10 @@ def test_bfloat16_compute():
     full16 = model(ids)
     assert full16.dtype == mx.bfloat16
     assert_close(full16.astype(mx.float32), full32, 0.1, "bf16 logits")
-    cache = model.init_cache(1)
+    cache = [None] * len(model.layers)
     for t in range(6):
-        logits, cache = model.step(ids[:, t], cache)
-    assert mx.all(mx.isfinite(logits)).item()
+        logits = model(ids[:, t : t + 1], cache)
+    assert logits.dtype == mx.bfloat16 and mx.all(mx.isfinite(logits)).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The chunked scans and blocks of train_mamba_3_mlx.py against their one-token step forms (tiny shapes, CPU).
 
-The step forms are the definitions (MODELS.md); the chunked forms are what training runs. Every test here compares the
-two: outputs, final states, gradients, carried states, whole blocks, whole language models."""
+The step forms (tests/mlx_reference.py) are the definitions; the chunked forms are what training runs. Every test here
+compares the two: outputs, final states, gradients, carried states, whole blocks, whole language models."""
 
 import math
 
@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_reference as R
 import train_mamba_3_mlx as T
 
 
@@ -22,12 +23,12 @@ def close(a, b, tol=1e-4):
 
 
 def ssd_by_steps(X, A, B, C, state=None):
-    """The SSD recurrence token by token with T.ssd_step."""
+    """The SSD recurrence token by token with the step reference."""
     b, l, h, p = X.shape
     state = mx.zeros((b, h, p, B.shape[-1])) if state is None else state
     ys = []
     for t in range(l):
-        y, state = T.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], state)
+        y, state = R.ssd_step(X[:, t], A[:, t], B[:, t], C[:, t], state)
         ys.append(y)
     return mx.stack(ys, axis=1), state
 
@@ -65,16 +66,14 @@ def test_fast_exp_matches_exp_and_its_gradient():
     close(T.softplus(y), mx.logaddexp(y, 0.0), tol=1e-6)
 
 
-def test_segsum_is_masked_sum_of_segments():
-    a = mx.random.normal((3, 6))
-    s = np.array(T.segsum(a))
+def test_decay_matrix_is_the_product_of_decays_between_two_steps():
+    a = -mx.random.uniform(0.0, 2.0, (3, 6))
+    L = np.array(T.decay_matrix(a))
     an = np.array(a)
     for i in range(6):
         for j in range(6):
-            if j > i:
-                assert s[0, i, j] == -np.inf
-            else:
-                np.testing.assert_allclose(s[:, i, j], an[:, j + 1 : i + 1].sum(-1), atol=1e-5)
+            expected = np.exp(an[:, j + 1 : i + 1].sum(-1)) if j <= i else 0.0
+            np.testing.assert_allclose(L[:, i, j], expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("b,l,h,p,g,n,chunk", SHAPES)
@@ -128,32 +127,37 @@ def test_ssd_scan_is_stable_for_strong_decay_and_long_chunks():
     close(Y, ssd_by_steps(X, A * 40.0, B, C)[0])
 
 
-def block_by_steps(block, x):
-    state = block.init_state(x.shape[0])
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = block.step(x[:, t], state)
+def block_by_tokens(block, x, prefix=0):
+    """The block run on `prefix` tokens at once, then one token at a time, carrying its state (the decode path)."""
+    ys, state = [], None
+    if prefix:
+        y, state = block(x[:, :prefix])
         ys.append(y)
-    return mx.stack(ys, axis=1)
+    for t in range(prefix, x.shape[1]):
+        y, state = block(x[:, t : t + 1], state)
+        ys.append(y)
+    return mx.concatenate(ys, axis=1)
 
 
 @pytest.mark.parametrize("ngroups,chunk,l", [(1, 8, 21), (2, 16, 16)])
-def test_mamba2_block_forward_equals_step_decode(ngroups, chunk, l):
+def test_mamba2_block_forward_equals_decode_with_carried_state(ngroups, chunk, l):
     mx.random.seed(4)
-    block = T.Mamba2(d_model=16, d_state=8, headdim=8, expand=2, ngroups=ngroups, d_conv=4, chunk_size=chunk,
-                     dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4)
+    block = T.Mamba2(tiny_config("mamba-2", ngroups=ngroups, chunk_size=chunk))
     x = mx.random.normal((2, l, 16))
-    close(block(x), block_by_steps(block, x))
+    y, _ = block(x)
+    close(y, block_by_tokens(block, x))
+    close(y, block_by_tokens(block, x, prefix=6))
 
 
 def test_mamba2_init_matches_upstream_ranges():
     mx.random.seed(5)
-    block = T.Mamba2(64, 16, 16, 2, 1, 4, 16, 0.001, 0.1, 1e-4)
+    block = T.Mamba2(tiny_config("mamba-2", d_model=64, d_state=16, headdim=16, chunk_size=16))
     dt = np.array(T.softplus(block.dt_bias))
     assert dt.min() >= 0.001 * 0.999 and dt.max() <= 0.1 * 1.001
     A = -np.exp(np.array(block.A_log))
     assert A.min() >= -16.0 and A.max() <= -1.0
     assert block.in_proj.weight.shape == (2 * 128 + 2 * 16 + 8, 64)  # z | x B C | dt
+    assert T.Mamba2(tiny_config("mamba-2", chunk_size=0)).chunk_size == T.MAMBA2_CHUNK
 
 
 def tiny_config(architecture, **overrides):
@@ -163,13 +167,10 @@ def tiny_config(architecture, **overrides):
     return T.ModelConfig(**fields)
 
 
-def lm_by_steps(model, ids):
-    cache = model.init_cache(ids.shape[0])
-    logits = []
-    for t in range(ids.shape[1]):
-        step_logits, cache = model.step(ids[:, t], cache)
-        logits.append(step_logits)
-    return mx.stack(logits, axis=1)
+def lm_by_tokens(model, ids):
+    """Logits one token at a time through the cache (the path generate takes)."""
+    cache = [None] * len(model.layers)
+    return mx.concatenate([model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])], axis=1)
 
 
 @pytest.mark.parametrize(
@@ -181,13 +182,13 @@ def lm_by_steps(model, ids):
         ("mamba-3", {"is_mimo": True, "mimo_rank": 2}),
     ],
 )
-def test_language_model_forward_equals_step_decode(architecture, overrides):
+def test_language_model_forward_equals_decode_with_cache(architecture, overrides):
     mx.random.seed(6)
     model = T.MambaLM(tiny_config(architecture, **overrides))
     ids = mx.random.randint(0, 50, (2, 19)).astype(mx.int32)
     logits = model(ids)
     assert logits.shape == (2, 19, 50)
-    close(logits, lm_by_steps(model, ids))
+    close(logits, lm_by_tokens(model, ids))
 
 
 def test_optimizer_groups_and_no_weight_decay_on_ssm_parameters():
@@ -227,15 +228,14 @@ def test_bfloat16_compute_stays_close_to_float32(architecture):
 
 def test_causal_conv1d_and_its_gradient_match_the_definition():
     mx.random.seed(8)
-    x, w, bias = mx.random.normal((2, 9, 5)), mx.random.normal((4, 5)), mx.random.normal((5,))
+    window, w, bias = mx.random.normal((2, 12, 5)), mx.random.normal((4, 5)), mx.random.normal((5,))
     g = mx.random.normal((2, 9, 5))
 
-    def reference(x, w, bias):  # out_t = bias + sum_k w[k] x_{t-3+k}, zero history, differentiated by autodiff
-        padded = mx.pad(x, [(0, 0), (3, 0), (0, 0)])
-        return bias + sum(w[k] * padded[:, k : k + 9] for k in range(4))
+    def reference(window, w, bias):  # out_t = bias + sum_k w[k] window_{t+k}, differentiated by autodiff
+        return bias + sum(w[k] * window[:, k : k + 9] for k in range(4))
 
-    close(T.causal_conv1d(x, w, bias), reference(x, w, bias))
-    grads = mx.grad(lambda *a: (T.causal_conv1d(*a) * g).sum(), argnums=(0, 1, 2))(x, w, bias)
-    grads_ref = mx.grad(lambda *a: (reference(*a) * g).sum(), argnums=(0, 1, 2))(x, w, bias)
+    close(T.causal_conv1d(window, w, bias), reference(window, w, bias))
+    grads = mx.grad(lambda *a: (T.causal_conv1d(*a) * g).sum(), argnums=(0, 1, 2))(window, w, bias)
+    grads_ref = mx.grad(lambda *a: (reference(*a) * g).sum(), argnums=(0, 1, 2))(window, w, bias)
     for a, b in zip(grads, grads_ref):
         close(a, b, tol=1e-5)

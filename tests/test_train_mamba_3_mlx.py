@@ -75,7 +75,7 @@ def test_diverging_run_fails_fast(prepared_cache, tmp_path):
     assert "val_bpb:" not in result.stdout
 
 
-def test_generate_uses_step_path_and_matches_greedy_forward(prepared_cache):
+def test_generate_with_carried_state_matches_greedy_forward(prepared_cache):
     tokenizer = prepare.Tokenizer.from_directory()
     config = T.ModelConfig(architecture="mamba-2", vocab_size=tokenizer.get_vocab_size(), depth=2, d_model=32,
                            d_state=8, headdim=8, chunk_size=8)

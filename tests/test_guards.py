@@ -1,0 +1,90 @@
+"""Guards of the two files the agent rewrites: every hand-written gradient is checked against autodiff of its own
+forward when a run starts (a bent forward stops the run with a one-line error naming it), and the sections the two
+MLX scripts share are identical on main (a line added to one copy fails here)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("train_mamba_3_mlx.py", "train_hybrid_moe_mlx.py")
+SHARED_SECTIONS = ("Mamba", "Loss, generation, optimizer, schedule", "Speed machinery")
+
+
+def read(script):
+    with open(os.path.join(ROOT, script)) as f:
+        return f.read()
+
+
+def sections(text):
+    """{name: text} of every block from a `# SECTION: name` banner to its `# END SECTION: name` banner."""
+    found = {}
+    for match in re.finditer(r"^# SECTION: ([^\[\n]+?)\s*(?:\[.*\])?$", text, flags=re.M):
+        name = match.group(1).split(" (")[0]
+        end = re.search(rf"^# END SECTION: {re.escape(name)}$", text[match.end():], flags=re.M)
+        assert end, f"section {name!r} has no END SECTION banner"
+        found[name] = text[match.start() : match.end() + end.start()]
+    return found
+
+
+def shared_section_differences(text_a, text_b):
+    a, b = sections(text_a), sections(text_b)
+    problems = [f"section {name!r} missing" for name in SHARED_SECTIONS if name not in a or name not in b]
+    problems += [f"section {name!r} differs" for name in SHARED_SECTIONS
+                 if name in a and name in b and a[name] != b[name]]
+    return problems
+
+
+def test_shared_sections_are_identical_in_both_scripts():
+    assert shared_section_differences(read(SCRIPTS[0]), read(SCRIPTS[1])) == []
+
+
+def test_a_line_inserted_into_one_copy_is_caught():
+    hybrid = read(SCRIPTS[1])
+    for name in SHARED_SECTIONS:
+        body = sections(hybrid)[name]
+        cut = body.index("\ndef ") + 1  # before the section's first function
+        edited = hybrid.replace(body, body[:cut] + "# an agent's edit\n" + body[cut:])
+        assert shared_section_differences(read(SCRIPTS[0]), edited) == [f"section {name!r} differs"]
+
+
+def guarded_functions(text):
+    """Names registered with @hand_written_gradient and names given a .vjp: they must be the same set."""
+    registered = re.findall(r"^@hand_written_gradient\(.*\)\ndef (\w+)\(", text, flags=re.M)
+    with_vjp = re.findall(r"^@(\w+)\.vjp$", text, flags=re.M)
+    return registered, with_vjp
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_custom_gradient_is_registered_for_the_check(script):
+    text = read(script)
+    registered, with_vjp = guarded_functions(text)
+    assert sorted(registered) == sorted(with_vjp) and len(registered) >= 4
+    assert text.count("mx.custom_function(") == 1  # only inside the registering decorator
+
+
+def bend(text, name):
+    """The script with the forward of `name` bent: its first input x becomes x + 0.05 sin(3x) before anything else,
+    and its hand-written gradient left as it was."""
+    match = re.search(rf"^def {name}\((\w+)", text, flags=re.M)
+    docstring_end = text.index('"""', text.index('"""', match.end()) + 3) + 3
+    arg = match.group(1)
+    return text[:docstring_end] + f"\n    {arg} = {arg} + 0.05 * mx.sin(3 * {arg})" + text[docstring_end:]
+
+
+CASES = [(script, name) for script in SCRIPTS for name in guarded_functions(read(script))[0]]
+
+
+@pytest.mark.parametrize("script,name", CASES)
+def test_a_bent_forward_stops_the_run_at_start(script, name, tmp_path):
+    bent = tmp_path / script
+    bent.write_text(bend(read(script), name))
+    env = dict(os.environ, PYTHONPATH=ROOT)  # the bent copy imports the repository's prepare.py
+    result = subprocess.run([sys.executable, str(bent)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"Gradient check failed: the hand-written gradient of {name}" in result.stderr
+    assert "Traceback" not in result.stderr and "step 0" not in result.stdout
