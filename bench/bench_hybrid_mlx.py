@@ -114,7 +114,7 @@ def bench_moe(args):
 
     cases = {}
     for n in counts:
-        moe = H.MoE(d_model, n, top_k, hidden)
+        moe = H.MoE(make_config(dict(d_model=d_model, num_experts=n, top_k=top_k, expert_hidden=hidden), "mamba-3"))
         mx.eval(moe.parameters())
         for kind, forward in (("routed", lambda m, x: m(x)[:2]), ("dense", dense_all_experts)):
             def loss(x, moe=moe, forward=forward):

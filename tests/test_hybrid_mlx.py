@@ -109,7 +109,8 @@ def dense_moe_reference(moe, x):
 @pytest.mark.parametrize("num_experts,top_k,shared", [(4, 2, 0), (4, 2, 12), (8, 1, 0), (5, 3, 0)])
 def test_moe_matches_dense_reference(num_experts, top_k, shared):
     mx.random.seed(0)
-    moe = h.MoE(16, num_experts, top_k, expert_hidden=24, shared_expert_hidden=shared)
+    moe = h.MoE(tiny_config(d_model=16, num_experts=num_experts, top_k=top_k, expert_hidden=24,
+                            shared_expert_hidden=shared))
     x = mx.random.normal((2, 9, 16))
     y, balance_loss, counts = moe(x)
     y_ref, balance_ref = dense_moe_reference(moe, x)
@@ -141,7 +142,7 @@ def test_moe_matches_dense_reference(num_experts, top_k, shared):
 def test_moe_single_token_rows():
     """Decode calls the MoE with one token per row; it must route each row on its own."""
     mx.random.seed(1)
-    moe = h.MoE(16, 4, 2, expert_hidden=8)
+    moe = h.MoE(tiny_config(d_model=16, num_experts=4, top_k=2, expert_hidden=8))
     x = mx.random.normal((3, 5, 16))
     y, _, _ = moe(x)
     for t in range(5):
@@ -180,14 +181,14 @@ def attention_reference(attn, x):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
 def test_attention_matches_reference(heads, kv_heads):
     mx.random.seed(0)
-    attn = h.CausalSelfAttention(32, heads, kv_heads, head_dim=8, rope_theta=100.0)
+    attn = h.CausalSelfAttention(tiny_config(num_attention_heads=heads, num_kv_heads=kv_heads, rope_theta=100.0))
     x = mx.random.normal((2, 13, 32))
     assert_close(attn(x)[0], attention_reference(attn, x), 1e-5, "attention")
 
 
 def test_attention_is_causal():
     mx.random.seed(0)
-    attn = h.CausalSelfAttention(32, 4, 2, head_dim=8, rope_theta=10000.0)
+    attn = h.CausalSelfAttention(tiny_config(rope_theta=10000.0))
     x = mx.random.normal((1, 12, 32))
     y, _ = attn(x)
     changed = mx.concatenate([x[:, :7], x[:, 7:8] + 1.0, x[:, 8:]], axis=1)  # change token 7 only
@@ -198,7 +199,7 @@ def test_attention_is_causal():
 
 def test_attention_cached_decode_matches_forward():
     mx.random.seed(0)
-    attn = h.CausalSelfAttention(32, 4, 2, head_dim=8, rope_theta=10000.0)
+    attn = h.CausalSelfAttention(tiny_config(rope_theta=10000.0))
     x = mx.random.normal((2, 10, 32))
     y, _ = attn(x)
     cache = None
