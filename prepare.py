@@ -405,7 +405,8 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
                     raise  # a full or read-only disk: retrying cannot help (run() reports it)
                 no_network = _no_network_reason(e)
                 if no_network:
-                    raise HarnessError(f"Download of {name} failed ({no_network}): no network? {OFFLINE_HINT}") from None
+                    raise HarnessError(f"Download of {name} failed ({no_network}): no network? {OFFLINE_HINT}") \
+                        from None
                 reason = _first_line(e)
                 if attempt == attempts:
                     raise HarnessError(
@@ -481,7 +482,8 @@ def import_local_corpus(source_dir, num_shards=None):
         train_files = train_files[:num_shards]
     if len(train_files) > VAL_SHARD:
         raise HarnessError(f"--data-dir {source_dir}: at most {VAL_SHARD} training files are supported.")
-    sources = [(f, SHARD_NAME.format(i)) for i, f in enumerate(train_files)] + [(val_file, SHARD_NAME.format(VAL_SHARD))]
+    sources = [(f, SHARD_NAME.format(i)) for i, f in enumerate(train_files)]
+    sources.append((val_file, SHARD_NAME.format(VAL_SHARD)))
     fix = f"Replace it in {source_dir} with a good copy (or move it out of that folder), then rerun with --data-dir."
     for src, _ in sources:
         check_parquet(src, fix)
@@ -533,20 +535,20 @@ def _manifest_entry(name, digest):
 
 def shard_digest(name, manifest=None):
     """sha256 of the cached shard `name`: from the manifest when the file still has the recorded size and mtime,
-    else computed (a second per GB) and, when the cache is writable, recorded."""
-    manifest = manifest or _read_manifest()
+    else computed (a second per GB) and, when the cache is writable, recorded (in a new manifest without a source
+    for a cache from before manifests)."""
+    manifest = manifest or _read_manifest() or {"files": {}}
     path = os.path.join(DATA_DIR, name)
     stat = os.stat(path)
-    entry = (manifest or {}).get("files", {}).get(name)
+    entry = manifest["files"].get(name)
     if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns")] == [stat.st_size, stat.st_mtime_ns]:
         return entry["sha256"]
     digest = _file_digest(path, 64)
-    if manifest is not None:
-        manifest["files"][name] = _manifest_entry(name, digest)
-        try:
-            _write_manifest(manifest)
-        except OSError:
-            pass  # a read-only cache: the digest is computed again next time, nothing else is lost
+    manifest["files"][name] = _manifest_entry(name, digest)
+    try:
+        _write_manifest(manifest)
+    except OSError:
+        pass  # a read-only cache: the digest is computed again next time, nothing else is lost
     return digest
 
 
@@ -739,7 +741,8 @@ def get_token_bytes():
         raise HarnessError(f"Damaged token byte table {path} ({_first_line(e)}). {REPAIR_HINT}.") from None
     if table.shape != (VOCAB_SIZE,) or table.dtype.kind not in "iu":
         raise HarnessError(
-            f"Damaged token byte table {path} ({table.dtype} {table.shape}, expected int [{VOCAB_SIZE}]). {REPAIR_HINT}."
+            f"Damaged token byte table {path} ({table.dtype} {table.shape}, expected int [{VOCAB_SIZE}]). "
+            f"{REPAIR_HINT}."
         )
     return table
 
@@ -904,14 +907,13 @@ def load_val_rows(tokenizer=None):
 
 def check_cache():
     """Check, in well under a second, everything a run needs before it trains: the tokenizer and its byte table
-    load, the training shards and the validation shard are there (parquet footers readable), the validation rows
+    load, the training shards and the validation shard are there (parquet footers readable), and the validation rows
     load with the right shape (built now if missing or damaged: the build reads the validation shard, so its damage
     shows here too). Any problem is a HarnessError naming the file and the fix. Returns the tokenizer."""
     tokenizer = Tokenizer.load()
     get_token_bytes()
-    list_shards("train")
-    for path in list_shards("val"):
-        check_parquet(path)
+    for path in list_shards("train") + list_shards("val"):
+        check_parquet(path)  # the footer only: milliseconds per shard
     load_val_rows(tokenizer)
     return tokenizer
 
@@ -1114,11 +1116,11 @@ def prepare(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
     """Make the cache ready: data shards, tokenizer, validation rows. Idempotent: each finished step is skipped."""
     print(harness_line())
     t0 = time.time()
-    _check_num_shards(num_shards)
     if data_dir is not None:
         n_train, copied = import_local_corpus(data_dir, num_shards)
         print(f"data: {n_train} training shards + validation from {data_dir} -> {DATA_DIR} ({copied} files copied)")
     else:
+        _check_num_shards(num_shards)
         n_train = num_shards or NUM_SHARDS
         indices = list(range(n_train)) + [VAL_SHARD]
         source = f"huggingface:{DATASET_REPO}"

@@ -198,7 +198,8 @@ def test_corrupt_shard_is_a_clear_error(prepared_cache, tmp_path, monkeypatch):
         f.write(b"PAR1 this is not a parquet file")
     monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path))
     texts = prepare.iter_texts("train")
-    with pytest.raises(prepare.HarnessError, match="Corrupt shard .*shard_00001.parquet.*Delete this cached copy.*--data-dir DIR"):
+    with pytest.raises(prepare.HarnessError,
+                       match="Corrupt shard .*shard_00001.parquet.*Delete this cached copy.*--data-dir DIR"):
         for _ in range(10_000):
             next(texts)
 
