@@ -1159,7 +1159,7 @@ def _tokenizer_problem():
         Tokenizer.load()
         get_token_bytes()
     except HarnessError as e:
-        return e.message.split(" Rerun `")[0].split(" Run `")[0]  # the diagnosis without the advice to rerun prepare
+        return e.message.split(" Rerun `")[0].split(" Run `")[0].rstrip(".")  # the diagnosis, not "rerun prepare"
     return None
 
 
