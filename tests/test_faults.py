@@ -185,6 +185,24 @@ def test_hub_prepare_offline_keeps_an_offline_cache(cache, direct_network):
     assert sorted(os.listdir(cache / "data")) == before
 
 
+def test_hub_prepare_over_a_folder_cache_removes_the_folder_shards(cache, capsys):
+    """With network, the hub's shards replace a folder's: none of the folder's shards, nor the tokenizer and rows
+    built from them, may be mixed with the downloaded ones (hub shards are immutable by name: not hashed)."""
+    source = f"huggingface:{prepare.DATASET_REPO}"
+    manifest = prepare._forget_stale_shards(source, {prepare.SHARD_NAME.format(i): None for i in (0, 6542)},
+                                            exact=False)
+    assert manifest == {"source": source, "files": {}}
+    assert [f for f in os.listdir(cache / "data") if f.startswith("shard_")] == []
+    assert os.listdir(cache / "tokenizer") == [] and os.listdir(cache / "eval") == []
+    assert "3 cached shard(s) differ" in capsys.readouterr().out
+
+    # the hub again over the hub's own shards: kept, nothing rebuilt
+    shutil.copy(os.path.join(TEST_CACHE, "data", "shard_00000.parquet"), cache / "data")
+    prepare._write_manifest(manifest)
+    prepare._forget_stale_shards(source, {"shard_00000.parquet": None}, exact=False)
+    assert sorted(os.listdir(cache / "data")) == ["manifest.json", "shard_00000.parquet"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad arguments and bad source files
 
