@@ -17,6 +17,7 @@ Import this module before mlx: on Linux it first loads an optimized BLAS (see _l
 """
 
 import ctypes
+import errno
 import glob
 import hashlib
 import json
@@ -110,6 +111,32 @@ class HarnessError(SystemExit):
 
     def __str__(self):
         return self.message
+
+
+# How to repair anything derived in the cache: prepare rebuilds what is missing or damaged.
+REPAIR_HINT = f"Rerun `{PREPARE_COMMAND}` (with --data-dir DIR if you prepared offline): it rebuilds damaged files"
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT}  # a disk the user must fix
+
+
+def run(main):
+    """Run a harness script's main() as the user should see it: `if __name__ == "__main__": prepare.run(main)`.
+
+    Ctrl-C prints `Interrupted.` and exits with status 130 (cache files are written to a temporary name and renamed,
+    so an interrupted write never leaves a file that looks complete); a read-only, full or forbidden disk is a one-line
+    error with status 1; a HarnessError stays its one line. Anything else is a bug and keeps its traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\nInterrupted." if sys.stdout.isatty() else "Interrupted.", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise HarnessError(
+            f"Cannot write {e.filename or CACHE_DIR}: {e.strerror}. Free space or make that disk writable (or set "
+            f"AUTORESEARCH_CACHE_DIR to a writable folder), then rerun."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,6 +260,35 @@ def apply_preset(namespace, section):
     return dict(overrides)
 
 
+def check_hyperparameters(section, checks):
+    """Validate a training script's hyperparameters before anything is built, in the preset checks' style.
+
+    `checks`: (KEY, ok, requirement) triples, e.g. ("DEPTH", DEPTH > 0, f"must be a positive int, got {DEPTH!r}");
+    `positive` and `one_of` below make the common ones. The first failing check is a HarnessError that names the key
+    and where its value was set (the preset, the environment, or the script)."""
+    for key, ok, requirement in checks:
+        if ok:
+            continue
+        if key in PRESET.get(section, {}):
+            origin = f"set by preset {PRESET_FILE}"
+        elif os.environ.get(f"AUTORESEARCH_MLX_{key}"):
+            origin = f"set by the environment variable AUTORESEARCH_MLX_{key}"
+        else:
+            origin = "set in the script"
+        raise HarnessError(f"{section}.{key} {requirement} ({origin}). Fix the value and rerun.")
+
+
+def positive(namespace, *names):
+    """Checks for check_hyperparameters: each named constant is a number above zero."""
+    return [(name, isinstance(namespace[name], (int, float)) and not isinstance(namespace[name], bool)
+             and namespace[name] > 0, f"must be a positive number, got {namespace[name]!r}") for name in names]
+
+
+def one_of(namespace, name, choices):
+    """A check for check_hyperparameters: the named constant is one of `choices`."""
+    return name, namespace[name] in choices, f"must be one of {', '.join(map(repr, choices))}, got {namespace[name]!r}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: shards from the Hugging Face hub, or an offline folder of parquet files.
 
@@ -241,14 +297,67 @@ def shard_path(index):
     return os.path.join(DATA_DIR, SHARD_NAME.format(index))
 
 
-def check_parquet(path):
-    """Raise HarnessError unless `path` is a readable parquet file with a string `text` column."""
+def check_parquet(path, fix=None):
+    """Raise HarnessError unless `path` is a readable parquet file with a string `text` column. Reads only the
+    footer (milliseconds). `fix` says how to repair it; by default, for a file in the cache, rebuild it."""
+    import pyarrow as pa
+
+    fix = fix or f"Delete this cached copy and rerun `{PREPARE_COMMAND}` (with --data-dir DIR if you prepared offline)."
     try:
         schema = pq.ParquetFile(path).schema_arrow
     except Exception as e:
-        raise HarnessError(f"Corrupt or unreadable parquet file {path} ({e}). Delete it and rerun: {PREPARE_COMMAND}")
+        raise HarnessError(f"Corrupt or unreadable parquet file {path} ({_first_line(e)}). {fix}") from None
     if "text" not in schema.names:
         raise HarnessError(f"Parquet file {path} has no 'text' column (columns: {', '.join(schema.names)}).")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise HarnessError(f"Parquet file {path}: column 'text' holds {text_type}, not strings. {fix}")
+
+
+def _first_line(error):
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+OFFLINE_HINT = f"Prepare offline instead: `{PREPARE_COMMAND} --data-dir DIR` (DIR: parquet files + val.parquet)."
+
+
+def _no_network_reason(error):
+    """Why `error` means the hub cannot be reached at all (a name that does not resolve, a refused or unroutable
+    connection), found anywhere in its chain of causes; None for failures worth retrying (timeouts, HTTP 5xx)."""
+    import socket
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror):
+            return f"name resolution failed: {error.strerror or error}"
+        if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) in (
+                errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"connection failed: {error.strerror or error}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_hub_reachable(endpoint=None):
+    """Fail at once, with the offline instructions, when the hub cannot be reached at all. huggingface_hub retries
+    such failures for about 25 seconds per file (minutes in all); a slow or flaky network is left to the retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HarnessError(f"HF_HUB_OFFLINE is set, so the data cannot be downloaded. {OFFLINE_HINT}")
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                              "all_proxy")):
+        return  # connections go through a proxy: only the download itself can tell
+    url = urlsplit(endpoint or constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+    except OSError as e:
+        reason = _no_network_reason(e)
+        if reason:
+            raise HarnessError(f"Cannot reach {url.hostname} ({reason}): no network? {OFFLINE_HINT}") from None
 
 
 def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_seconds=2.0):
@@ -256,15 +365,29 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
 
     huggingface_hub writes to a temporary `.incomplete` file and renames it only once the size matches the server's,
     resuming with a Range request when a connection drops; on top of that we retry failed shards with exponential
-    backoff and check that each finished file is valid parquet. Returns the number of shards fetched."""
-    from concurrent.futures import ThreadPoolExecutor
+    backoff and check that each finished file is valid parquet. A shard already there whose footer is damaged is
+    fetched again. No network at all (see _check_hub_reachable) ends at once. Returns the number of shards fetched."""
+    import queue
+    import threading
 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
     os.makedirs(DATA_DIR, exist_ok=True)
-    missing = [i for i in indices if not os.path.exists(shard_path(i))]
+    missing = []
+    for i in indices:
+        if os.path.exists(shard_path(i)):
+            try:
+                check_parquet(shard_path(i))
+                continue
+            except HarnessError as e:
+                print(f"  {SHARD_NAME.format(i)}: {e}; fetching it again", flush=True)
+                os.remove(shard_path(i))
+        missing.append(i)
+    if not missing:
+        return 0
+    _check_hub_reachable(endpoint)
 
     def fetch(index):
         name = SHARD_NAME.format(index)
@@ -276,9 +399,15 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
                 check_parquet(shard_path(index))
                 return
             except (Exception, HarnessError) as e:  # network errors, HTTP 5xx, a corrupt download
-                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 if os.path.exists(shard_path(index)):
                     os.remove(shard_path(index))  # only a verified shard may look complete
+                if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+                    raise  # a full or read-only disk: retrying cannot help (run() reports it)
+                no_network = _no_network_reason(e)
+                if no_network:
+                    raise HarnessError(f"Download of {name} failed ({no_network}): no network? {OFFLINE_HINT}") \
+                        from None
+                reason = _first_line(e)
                 if attempt == attempts:
                     raise HarnessError(
                         f"Download of {name} failed after {attempts} attempts ({reason}). Check the network and rerun "
@@ -288,23 +417,52 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
                 print(f"  {name}: attempt {attempt} failed ({reason}); retrying in {wait:.1f}s", flush=True)
                 time.sleep(wait)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(fetch, missing))
+    # Daemon worker threads, not a ThreadPoolExecutor: on Ctrl-C or a fatal error the process can exit at once
+    # instead of waiting for the downloads in flight (their `.incomplete` files are resumed next time).
+    todo, errors = queue.Queue(), []
+    for index in missing:
+        todo.put(index)
+
+    def worker():
+        while not errors:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fetch(index)
+            except BaseException as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(missing))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)  # a short timeout keeps Ctrl-C responsive
+    if errors:
+        raise errors[0]
     return len(missing)
 
 
 def _copy_atomic(src, dst):
-    tmp = dst + ".tmp"
+    tmp = dst + ".tmp"  # renamed into place only once complete
     with open(src, "rb") as fin, open(tmp, "wb") as fout:
         while chunk := fin.read(1 << 22):
             fout.write(chunk)
     os.replace(tmp, dst)
 
 
+def _check_num_shards(num_shards, available=VAL_SHARD, where=""):
+    if num_shards is not None and not 1 <= num_shards <= available:
+        raise HarnessError(f"--num-shards must be between 1 and {available}{where}, got {num_shards}.")
+
+
 def import_local_corpus(source_dir, num_shards=None):
     """Prepare DATA_DIR from a local folder: every *.parquet except val.parquet becomes a training shard (in sorted
-    order), val.parquet becomes the pinned validation shard. Files already copied (same size) are skipped.
-    Returns (number of training shards, number of files copied)."""
+    order), val.parquet becomes the pinned validation shard. The cache then holds exactly these files: shards already
+    there with the same content are kept, others (another folder's, a damaged copy) are replaced, and what was built
+    from replaced shards goes too (see _forget_stale_shards). Returns (number of training shards, files copied)."""
     source_dir = os.path.expanduser(source_dir)
     if not os.path.isdir(source_dir):
         raise HarnessError(f"--data-dir {source_dir}: no such directory.")
@@ -319,20 +477,115 @@ def import_local_corpus(source_dir, num_shards=None):
     )
     if not train_files:
         raise HarnessError(f"--data-dir {source_dir}: no training parquet files besides val.parquet.")
+    _check_num_shards(num_shards, len(train_files), f" (the training files in {source_dir})")
     if num_shards is not None:
         train_files = train_files[:num_shards]
     if len(train_files) > VAL_SHARD:
         raise HarnessError(f"--data-dir {source_dir}: at most {VAL_SHARD} training files are supported.")
+    sources = [(f, SHARD_NAME.format(i)) for i, f in enumerate(train_files)]
+    sources.append((val_file, SHARD_NAME.format(VAL_SHARD)))
+    fix = f"Replace it in {source_dir} with a good copy (or move it out of that folder), then rerun with --data-dir."
+    for src, _ in sources:
+        check_parquet(src, fix)
+    wanted = {name: _file_digest(src, 64) for src, name in sources}
     os.makedirs(DATA_DIR, exist_ok=True)
+    manifest = _forget_stale_shards(os.path.realpath(source_dir), wanted, exact=True)
     copied = 0
-    for src, index in [(f, i) for i, f in enumerate(train_files)] + [(val_file, VAL_SHARD)]:
-        check_parquet(src)
-        dst = shard_path(index)
-        if os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src):
-            continue
-        _copy_atomic(src, dst)
-        copied += 1
+    for src, name in sources:
+        if not os.path.exists(os.path.join(DATA_DIR, name)):
+            _copy_atomic(src, os.path.join(DATA_DIR, name))
+            copied += 1
+        manifest["files"][name] = _manifest_entry(name, wanted[name])
+    _write_manifest(manifest)
     return len(train_files), copied
+
+
+# The data manifest, DATA_DIR/manifest.json: where the shards came from ("source": a folder, or the hub repository)
+# and each shard's sha256 with the size and mtime it had when hashed, so a digest is recomputed only for a file that
+# changed since. It is how prepare tells another folder's shards from this one's, and how the validation rows and the
+# fingerprint know which validation shard they describe.
+
+
+def _manifest_path():
+    return os.path.join(DATA_DIR, "manifest.json")
+
+
+def _read_manifest():
+    """The manifest, or None when there is none (a cache from before manifests) or it is unreadable."""
+    try:
+        with open(_manifest_path()) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+    return manifest if ok else None
+
+
+def _write_manifest(manifest):
+    tmp = _manifest_path() + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, _manifest_path())
+
+
+def _manifest_entry(name, digest):
+    stat = os.stat(os.path.join(DATA_DIR, name))
+    return {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def shard_digest(name, manifest=None):
+    """sha256 of the cached shard `name`: from the manifest when the file still has the recorded size and mtime,
+    else computed (a second per GB) and, when the cache is writable, recorded (in a new manifest without a source
+    for a cache from before manifests)."""
+    manifest = manifest or _read_manifest() or {"files": {}}
+    path = os.path.join(DATA_DIR, name)
+    stat = os.stat(path)
+    entry = manifest["files"].get(name)
+    if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns")] == [stat.st_size, stat.st_mtime_ns]:
+        return entry["sha256"]
+    digest = _file_digest(path, 64)
+    manifest["files"][name] = _manifest_entry(name, digest)
+    try:
+        _write_manifest(manifest)
+    except OSError:
+        pass  # a read-only cache: the digest is computed again next time, nothing else is lost
+    return digest
+
+
+def _forget_stale_shards(source, wanted, exact):
+    """Make sure the cache never mixes shards of two sources. `wanted`: {shard name: sha256, or None when unknown
+    before download (hub shards, immutable by name)}; `exact`: shards not wanted are stale too (a folder import
+    mirrors its folder; the hub keeps extra downloaded shards). A stale shard is removed; if a training shard was
+    stale, the tokenizer trained on it goes too, and with any stale shard the validation rows go. Returns the
+    manifest to complete with the new shards."""
+    manifest = _read_manifest()
+    previous = manifest["source"] if manifest and "source" in manifest else None
+    from_elsewhere = previous is not None and previous != source
+    stale = []
+    for path in sorted(glob.glob(os.path.join(DATA_DIR, "shard_*.parquet"))):
+        name = os.path.basename(path)
+        if name not in wanted:
+            is_stale = exact or from_elsewhere
+        elif wanted[name] is None:
+            is_stale = from_elsewhere
+        else:
+            is_stale = shard_digest(name, manifest) != wanted[name]
+        if is_stale:
+            stale.append(name)
+    if stale:
+        val_name = SHARD_NAME.format(VAL_SHARD)
+        derived = glob.glob(os.path.join(EVAL_DIR, "val_*.npy"))
+        if any(name != val_name for name in stale):
+            derived += [os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), os.path.join(TOKENIZER_DIR, "token_bytes.npy")]
+        for path in [os.path.join(DATA_DIR, name) for name in stale] + derived:
+            if os.path.exists(path):
+                os.remove(path)
+        gone = "the tokenizer and " if any(name != val_name for name in stale) else ""
+        print(f"data: {len(stale)} cached shard(s) differ from {source} (they came from "
+              f"{previous or 'an unrecorded source'}): removed them, {gone}the validation rows built from them; "
+              f"rebuilding", flush=True)
+    files = {} if from_elsewhere or manifest is None else manifest["files"]
+    return {"source": source, "files": {name: entry for name, entry in files.items() if name not in stale}}
 
 
 def list_shards(split):
@@ -368,7 +621,8 @@ def iter_texts(split, batch_size=128):
                 raise
             except Exception as e:
                 raise HarnessError(
-                    f"Corrupt shard {path} ({type(e).__name__}: {e}). Delete it and rerun `{PREPARE_COMMAND}`."
+                    f"Corrupt shard {path} ({_first_line(e)}). Delete this cached copy and rerun `{PREPARE_COMMAND}` "
+                    f"(offline: `{PREPARE_COMMAND} --data-dir DIR` with the folder you prepared from)."
                 ) from None
         epoch += 1
 
@@ -386,14 +640,31 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory=None):
+        """The tokenizer in `directory`. Without one, the cache's, after check_cache(): a training script starts
+        with this call, so a missing or damaged file is reported before any training time is spent."""
+        if directory is None:
+            return check_cache()
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory=None):
+        """Unpickle tokenizer.pkl; a missing or damaged file is a HarnessError saying how to rebuild it."""
         path = os.path.join(directory or TOKENIZER_DIR, "tokenizer.pkl")
         if not os.path.exists(path):
             raise HarnessError(
                 f"No tokenizer at {path}. Run `{PREPARE_COMMAND}` first "
                 f"(or `{PREPARE_COMMAND} --data-dir DIR` offline)."
             )
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        try:
+            with open(path, "rb") as f:
+                tokenizer = cls(pickle.load(f))
+        except Exception as e:  # truncated or foreign pickle: anything but a tiktoken Encoding with our specials
+            raise HarnessError(f"Damaged tokenizer {path} ({_first_line(e)}). {REPAIR_HINT}.") from None
+        if tokenizer.get_vocab_size() != VOCAB_SIZE:
+            raise HarnessError(
+                f"Tokenizer {path} has {tokenizer.get_vocab_size()} tokens, not VOCAB_SIZE={VOCAB_SIZE}. {REPAIR_HINT}."
+            )
+        return tokenizer
 
     def get_vocab_size(self):
         return self.encoding.n_vocab
@@ -464,7 +735,16 @@ def get_token_bytes():
     path = os.path.join(TOKENIZER_DIR, "token_bytes.npy")
     if not os.path.exists(path):
         raise HarnessError(f"No token byte table at {path}. Run `{PREPARE_COMMAND}` first.")
-    return np.load(path)
+    try:
+        table = np.load(path)
+    except Exception as e:  # truncated: numpy cannot reshape what is left
+        raise HarnessError(f"Damaged token byte table {path} ({_first_line(e)}). {REPAIR_HINT}.") from None
+    if table.shape != (VOCAB_SIZE,) or table.dtype.kind not in "iu":
+        raise HarnessError(
+            f"Damaged token byte table {path} ({table.dtype} {table.shape}, expected int [{VOCAB_SIZE}]). "
+            f"{REPAIR_HINT}."
+        )
+    return table
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -581,19 +861,40 @@ def _file_digest(path, length=12):
 
 
 def val_rows_path():
-    """Cache file of the validation rows, named by what determines them: tokenizer, packing code, shape."""
+    """Cache file of the validation rows, named by what determines them: tokenizer, validation shard, packing code,
+    shape. So rows are never scored against another validation shard than the one in the cache."""
     tokenizer_id = _file_digest(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), 8)
+    val_name = SHARD_NAME.format(VAL_SHARD)
+    val_id = shard_digest(val_name)[:8] if os.path.exists(os.path.join(DATA_DIR, val_name)) else "noval"
     code_id = _file_digest(os.path.abspath(__file__), 6)
-    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
+    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_{val_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
 
 
-def load_val_rows():
+def _val_rows_problem(path):
+    """Why the cached rows file cannot be used (None if it can): missing, truncated, or of the wrong shape."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        rows = np.load(path)
+    except Exception as e:
+        return _first_line(e)
+    if rows.shape != (EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1) or rows.dtype != np.uint16:
+        return f"{rows.dtype} {rows.shape}"
+    if rows.max(initial=0) >= VOCAB_SIZE:
+        return "token ids out of range"
+    return None
+
+
+def load_val_rows(tokenizer=None):
     """The validation rows evaluate_bpb scores: uint16 [EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1], packed with the
     same best-fit packer from the start of the validation shard (cycling through it if it is shorter). Built once per
-    tokenizer and shape and cached, so evaluation time is model time."""
+    tokenizer, validation shard and shape and cached, so evaluation time is model time; a damaged file is rebuilt."""
     path = val_rows_path()
-    if not os.path.exists(path):
-        tokenizer = Tokenizer.from_directory()
+    problem = _val_rows_problem(path)
+    if problem:
+        if problem != "missing":
+            print(f"eval: the cached rows {path} are damaged ({problem}); rebuilding them", flush=True)
+        tokenizer = tokenizer or Tokenizer.load()
         n_rows = EVAL_TOKENS // MAX_SEQ_LEN
         stream = _packed_rows(tokenizer, MAX_SEQ_LEN + 1, "val")
         rows = np.stack([next(stream)[0] for _ in range(n_rows)]).astype(np.uint16)
@@ -602,6 +903,19 @@ def load_val_rows():
             np.save(f, rows)
         os.replace(path + ".tmp", path)
     return np.load(path)
+
+
+def check_cache():
+    """Check, in well under a second, everything a run needs before it trains: the tokenizer and its byte table
+    load, the training shards and the validation shard are there (parquet footers readable), and the validation rows
+    load with the right shape (built now if missing or damaged: the build reads the validation shard, so its damage
+    shows here too). Any problem is a HarnessError naming the file and the fix. Returns the tokenizer."""
+    tokenizer = Tokenizer.load()
+    get_token_bytes()
+    for path in list_shards("train") + list_shards("val"):
+        check_parquet(path)  # the footer only: milliseconds per shard
+    load_val_rows(tokenizer)
+    return tokenizer
 
 
 def _is_torch_module(model):
@@ -621,12 +935,18 @@ def evaluate_bpb(model, batch_size):
     token_bytes = get_token_bytes()
     per_token_nats = _torch_token_losses if _is_torch_module(model) else _mlx_token_losses
     total_nats, total_bytes = 0.0, 0
+    progress, t0, total = ProgressLine(), time.time(), rows.shape[0] * (rows.shape[1] - 1)
     for start in range(0, len(rows), batch_size):
         block = rows[start : start + batch_size].astype(np.int32)
         nats = per_token_nats(model, block[:, :-1], block[:, 1:])
         nbytes = token_bytes[block[:, 1:]]
         total_nats += float(nats[nbytes > 0].astype(np.float64).sum())
         total_bytes += int(nbytes.sum())
+        done = (start + len(block)) * (rows.shape[1] - 1)
+        rate = done / max(time.time() - t0, 1e-9)
+        progress.update(f"eval: {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {(total - done) / rate:.0f}s left",
+                        force=done == total)
+    progress.close()
     return total_nats / (math.log(2) * total_bytes)
 
 
@@ -684,10 +1004,11 @@ class ProgressLine:
 
 
 def check_loss(loss, step):
-    """Fast fail: end the run at once, with status 1, when the training loss is NaN/inf or above 100."""
+    """Fast fail: end the run at once, with status 1, when the training loss is NaN/inf or above 100. `step` is the
+    0-based index of the step just run; the message counts from 1, like the progress line."""
     if not math.isfinite(loss) or loss > 100:
         print(
-            f"\nFAIL: training diverged at step {step} (loss {loss}). No val_bpb for this run. "
+            f"\nFAIL: training diverged at step {step + 1} (loss {loss}). No val_bpb for this run. "
             f"Lower the learning rate, lengthen warmup, or revert the last change.",
             flush=True,
         )
@@ -729,9 +1050,10 @@ def _measure_matmul_flops(backend, dtype, n=1024, seconds=1.0):
 
 
 def peak_flops(device_name, dtype, backend="mlx"):
-    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else the best matmul rate this device has
-    shown. Each call measures again (about a second) and keeps the maximum in the cache, so a measurement taken while
-    the machine was busy (it can read 3x low, which would inflate MFU) is replaced by the next quiet one."""
+    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else a matmul rate measured once per device,
+    dtype and BLAS and kept in peak_flops.json, so `mfu_percent` is comparable between runs on one machine (delete
+    the file to measure again, on a quiet machine). Saving it is best effort: a read-only or full cache costs only
+    the record, never the run's summary. The source string says which figure was used."""
     for (name, kind), flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0][0])):
         if kind == dtype and device_name.startswith(name):
             return flops, "datasheet"
@@ -740,16 +1062,24 @@ def peak_flops(device_name, dtype, backend="mlx"):
     try:
         with open(cache) as f:
             measured = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         measured = {}
+    measured = measured if isinstance(measured, dict) else {}
+    rate = measured.get(key)
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
+        return float(rate), f"measured matmul, from {cache}"
     rate = _measure_matmul_flops(backend, dtype)
-    if rate > measured.get(key, 0.0):
-        measured[key] = rate
+    measured[key] = rate
+    try:
         os.makedirs(CACHE_DIR, exist_ok=True)
         with open(cache + ".tmp", "w") as f:
             json.dump(measured, f, indent=1)
         os.replace(cache + ".tmp", cache)
-    return measured[key], "measured matmul"
+    except OSError as e:
+        if os.path.exists(cache + ".tmp"):
+            os.remove(cache + ".tmp")  # a full disk may have left part of it
+        return rate, f"measured matmul this run; not saved to {cache}: {e.strerror}"
+    return rate, f"measured matmul, saved to {cache}"
 
 
 HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
@@ -790,23 +1120,47 @@ def prepare(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
         n_train, copied = import_local_corpus(data_dir, num_shards)
         print(f"data: {n_train} training shards + validation from {data_dir} -> {DATA_DIR} ({copied} files copied)")
     else:
+        _check_num_shards(num_shards)
         n_train = num_shards or NUM_SHARDS
-        if not 1 <= n_train <= VAL_SHARD:
-            raise HarnessError(f"--num-shards must be between 1 and {VAL_SHARD}, got {n_train}.")
-        fetched = download_shards(list(range(n_train)) + [VAL_SHARD], download_workers, endpoint)
+        indices = list(range(n_train)) + [VAL_SHARD]
+        source = f"huggingface:{DATASET_REPO}"
+        previous = (_read_manifest() or {}).get("source")
+        if previous not in (None, source):
+            _check_hub_reachable(endpoint)  # before removing another source's shards: offline, keep them
+        os.makedirs(DATA_DIR, exist_ok=True)
+        manifest = _forget_stale_shards(source, {SHARD_NAME.format(i): None for i in indices}, exact=False)
+        _write_manifest(manifest)
+        fetched = download_shards(indices, download_workers, endpoint)
         print(f"data: {n_train} training shards + validation shard {VAL_SHARD} in {DATA_DIR} ({fetched} downloaded)")
-    if os.path.exists(os.path.join(TOKENIZER_DIR, "tokenizer.pkl")):
+    problem = _tokenizer_problem()
+    if problem is None:
         print(f"tokenizer: already trained, {TOKENIZER_DIR}")
     else:
+        if problem != "missing":
+            print(f"tokenizer: {problem}; training it again", flush=True)
         t = time.time()
         train_tokenizer()
         print(f"tokenizer: trained BPE ({VOCAB_SIZE} tokens) in {time.time() - t:.1f}s -> {TOKENIZER_DIR}")
     t = time.time()
-    existed = os.path.exists(val_rows_path())
+    existed = _val_rows_problem(val_rows_path()) is None
     rows = load_val_rows()
     status = "cached" if existed else f"built in {time.time() - t:.1f}s"
     print(f"eval: {rows.shape[0]} validation rows x {MAX_SEQ_LEN} tokens ({status}) -> {val_rows_path()}")
     print(f"ready in {time.time() - t0:.1f}s; cache: {CACHE_DIR}")
+
+
+def _tokenizer_problem():
+    """None when tokenizer.pkl and token_bytes.npy load and fit VOCAB_SIZE; "missing" when neither is there; else
+    what is wrong (prepare then trains the tokenizer again instead of saying it is already trained)."""
+    files = [os.path.join(TOKENIZER_DIR, name) for name in ("tokenizer.pkl", "token_bytes.npy")]
+    if not any(os.path.exists(path) for path in files):
+        return "missing"
+    try:
+        Tokenizer.load()
+        get_token_bytes()
+    except HarnessError as e:
+        return e.message.split(" Rerun `")[0].split(" Run `")[0].rstrip(".")  # the diagnosis, not "rerun prepare"
+    return None
 
 
 def make_parser(description):
@@ -821,6 +1175,10 @@ def make_parser(description):
     return parser
 
 
-if __name__ == "__main__":
+def main():
     args = make_parser("Prepare data, tokenizer and evaluation rows for autoresearch-mamba.").parse_args()
     prepare(args.num_shards, args.download_workers, args.data_dir)
+
+
+if __name__ == "__main__":
+    run(main)
