@@ -1203,6 +1203,7 @@ def make_training_step(model, optimizer, grad_accum_steps):
 
     @partial(mx.compile, inputs=state, outputs=state)
     def optimizer_step(grads, lr_mult):
+        grads = nn.average_gradients(grads)  # sum over the data-parallel ranks / world size (none in a plain run)
         grads = tree_map(lambda g: g / grad_accum_steps, grads)  # mean over micro-batches
         if GRAD_CLIP > 0:
             norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
@@ -1239,7 +1240,8 @@ def device_name():
 
 def main():
     t_start = t_script_start
-    mx.random.seed(SEED)
+    dist = prepare.distributed("mlx")  # rank and world size under mlx.launch; rank 0 of 1 in a plain run
+    mx.random.seed(SEED)  # the same on every rank: all ranks start from the same weights
     seq_len = prepare.MAX_SEQ_LEN
     tokenizer = prepare.Tokenizer.from_directory()
     compute_dtype = resolve_compute_dtype()
@@ -1250,21 +1252,23 @@ def main():
     flops_per_token = model.flops_per_token()
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len * dist.world_size  # one micro-batch on every rank
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
         raise SystemExit(
-            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-            f"({DEVICE_BATCH_SIZE} * {seq_len} = {tokens_per_micro_step})."
+            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * world size "
+            f"({DEVICE_BATCH_SIZE} * {seq_len} * {dist.world_size} = {tokens_per_micro_step})."
         )
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, "
           f"device {device_name()}")
-    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
+          f"x {dist.world_size} processes")
 
     optimizer = AdamW(model)
     training_step = make_training_step(model, optimizer, grad_accum_steps)
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
+                                           world_size=dist.world_size)
     progress_line = prepare.ProgressLine()
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
@@ -1279,7 +1283,7 @@ def main():
         lr_mult = lr_multiplier(progress)
         loss, epoch = training_step(train_loader, lr_mult)
         train_loss = loss.item()  # the one host sync of the step
-        step_time = time.time() - t0
+        train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
@@ -1303,14 +1307,14 @@ def main():
 
     # Evaluation: the harness scores a compiled forward pass (same weights, no training state).
     t_eval = time.time()
-    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE)
+    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
 
     timed_steps = step - 1
     total_tokens = step * TOTAL_BATCH_SIZE
     tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
     peak, peak_source = prepare.peak_flops(device_name(), "float32" if compute_dtype == mx.float32 else "bfloat16")
-    mfu = 100 * flops_per_token * tokens_per_s / peak
+    mfu = 100 * flops_per_token * tokens_per_s / (peak * dist.world_size)  # tokens_per_s counts all ranks
     print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
     print(f"eval_seconds: {eval_seconds:.1f}")
     print(f"throughput: {tokens_per_s:,.0f} tok/s; MFU against {peak / 1e9:.0f} GFLOP/s ({peak_source})")
@@ -1326,7 +1330,7 @@ def main():
         "num_steps": step,
         "num_params_M": num_params / 1e6,
         "depth": DEPTH,
-    })
+    }, trained_tokens=total_tokens, dist=dist)
 
 
 if __name__ == "__main__":
