@@ -913,10 +913,14 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
     if served.sum() == trained_tokens and (served * dist.world_size == trained_tokens).all():
         return "ok"
     extra = int(served.sum()) - trained_tokens
-    where = (f"{extra:,} read outside the timed steps" if extra > 0 else f"{-extra:,} trained on but never served")
+    if extra > 0:
+        where = f"{extra:,} read outside the timed steps"
+    else:
+        where = f"{-extra:,} trained on but never served" if extra < 0 else "the ranks' shares differ"
     if dist.world_size > 1:
         where += f"; per rank: {', '.join(f'{int(n):,}' for n in served)}"
-    return f"FAIL: the loader served {int(served.sum()):,} training tokens, the steps trained on {trained_tokens:,} ({where})"
+    return (f"FAIL: the loader served {int(served.sum()):,} training tokens, the steps trained on "
+            f"{trained_tokens:,} ({where})")
 
 
 def print_summary(fields, trained_tokens=None, dist=SINGLE_PROCESS):

@@ -61,7 +61,8 @@ def test_empty_or_crash_only_log_gives_a_clear_message(tmp_path, monkeypatch, lo
 def test_several_agents_in_one_figure(tmp_path, monkeypatch):
     """Two agents of one tag, each a worktree with its own log: one figure, each agent's counts and best, and the
     best of all named with its agent."""
-    other = [("f6a7b8c", "2.080000", "1.2", "keep", "baseline"), ("a7b8c9d", "1.950000", "1.2", "keep", "GRAD_CLIP 0.5"),
+    other = [("f6a7b8c", "2.080000", "1.2", "keep", "baseline"),
+             ("a7b8c9d", "1.950000", "1.2", "keep", "GRAD_CLIP 0.5"),
              ("b8c9d0e", "1.970000", "1.2", "discard", "D_STATE 32")]
     for agent, rows in (("mar5-gpu0", ROWS), ("mar5-gpu1", other)):
         (tmp_path / agent).mkdir()
