@@ -625,9 +625,9 @@ _quiet_unless_rank_zero(_launcher_rank())  # at import: before the script prints
 
 
 class Distributed:
-    """This process's place in a data-parallel run: `rank` of `world_size` processes, `local_rank` on its machine
-    (the GPU a torch rank uses), `group` (MLX's communication group, or None), and `gather`, the one collective the
-    harness needs."""
+    """This process's place in a data-parallel run: `rank` of `world_size` processes, `local_rank` (the GPU a torch
+    rank uses: torchrun's LOCAL_RANK; 0 under MLX, whose launcher pins each rank's GPU itself), `group` (MLX's
+    communication group, or None), and `gather`, the one collective the harness needs."""
 
     def __init__(self, rank=0, world_size=1, local_rank=0, group=None, all_gather=None):
         self.rank, self.world_size, self.local_rank, self.group = rank, world_size, local_rank, group
@@ -665,7 +665,7 @@ def distributed(backend="mlx"):
             gathered = mx.distributed.all_gather(mx.array(values.view(np.uint32)), group=group)
             return np.array(gathered).view(np.float64)
 
-        dist = Distributed(group.rank(), group.size(), _launcher_rank(), group, all_gather)
+        dist = Distributed(group.rank(), group.size(), 0, group, all_gather)
     elif backend == "torch":
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return Distributed()
