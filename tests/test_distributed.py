@@ -99,3 +99,16 @@ def test_launched_smoke_run_prints_one_summary(prepared_cache, backend, script):
     assert summary["budget_check"] == "ok"
     assert 0 < float(summary["val_bpb"]) < 20 and int(summary["num_steps"]) >= 2
     assert "x 2 processes" in done.stdout
+
+
+def test_loader_shares_interleave_to_the_single_stream(prepared_cache):
+    """In one process, no launcher: three ranks' loaders together give the single loader's batches, in order."""
+    import prepare
+
+    tokenizer = prepare.Tokenizer.from_directory()
+    single = prepare.make_dataloader(tokenizer, 2, 16, "train")
+    stream = [next(single)[0] for _ in range(9)]
+    for rank in range(3):
+        loader = prepare.make_dataloader(tokenizer, 2, 16, "train", rank=rank, world_size=3)
+        for want in stream[rank::3]:
+            np.testing.assert_array_equal(next(loader)[0], want)
