@@ -445,12 +445,33 @@ def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_secon
     return len(missing)
 
 
+def _write_atomic(path, write, mode="wb"):
+    """Create `path` whole or not at all: `write(file)` fills a temporary file with a unique name in the same folder,
+    which then replaces `path` in one rename. Several runs sharing one cache (agents on one machine) may build the
+    same file at the same moment; each writes its own temporary file, so their writes never interleave, and a reader
+    sees the old file or a complete new one."""
+    import tempfile
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private (0600); cache files are ordinary readable files
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
 def _copy_atomic(src, dst):
-    tmp = dst + ".tmp"  # renamed into place only once complete
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(1 << 22):
-            fout.write(chunk)
-    os.replace(tmp, dst)
+    def copy(fout):
+        with open(src, "rb") as fin:
+            while chunk := fin.read(1 << 22):
+                fout.write(chunk)
+
+    _write_atomic(dst, copy)
 
 
 def _check_num_shards(num_shards, available=VAL_SHARD, where=""):
@@ -522,10 +543,7 @@ def _read_manifest():
 
 
 def _write_manifest(manifest):
-    tmp = _manifest_path() + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, _manifest_path())
+    _write_atomic(_manifest_path(), lambda f: json.dump(manifest, f, indent=1, sort_keys=True), "w")
 
 
 def _manifest_entry(name, digest):
@@ -719,14 +737,9 @@ def train_tokenizer(char_budget=TOKENIZER_TRAIN_CHARS):
     token_bytes = np.zeros(VOCAB_SIZE, dtype=np.int32)  # special tokens keep 0: they are not scored
     for token, rank in ranks.items():
         token_bytes[rank] = len(token)
-    os.makedirs(TOKENIZER_DIR, exist_ok=True)
-    with open(os.path.join(TOKENIZER_DIR, "token_bytes.npy.tmp"), "wb") as f:
-        np.save(f, token_bytes)
-    with open(os.path.join(TOKENIZER_DIR, "tokenizer.pkl.tmp"), "wb") as f:
-        pickle.dump(encoding, f)
     # tokenizer.pkl last: its presence is what says "tokenizer ready"
-    os.replace(os.path.join(TOKENIZER_DIR, "token_bytes.npy.tmp"), os.path.join(TOKENIZER_DIR, "token_bytes.npy"))
-    os.replace(os.path.join(TOKENIZER_DIR, "tokenizer.pkl.tmp"), os.path.join(TOKENIZER_DIR, "tokenizer.pkl"))
+    _write_atomic(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), lambda f: np.save(f, token_bytes))
+    _write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), lambda f: pickle.dump(encoding, f))
     return encoding
 
 
@@ -819,22 +832,35 @@ def _packed_rows(tokenizer, row_len, split, buffer_size=1000):
         yield packer.next_row(), epoch
 
 
-def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4):
+# Tokens (inputs) every loader of this process has handed to its caller, per split: the budget check compares the
+# training count with the tokens the timed steps trained on (print_summary).
+tokens_served = {"train": 0, "val": 0}
+
+
+def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, world_size=1):
     """Infinite iterator of (inputs, targets, epoch): int32 numpy arrays [batch_size, seq_len], targets shifted by one.
 
     Tokenizing and packing run in a background thread a few batches ahead (tiktoken releases the GIL), so the
-    loader overlaps the training step instead of adding to it."""
+    loader overlaps the training step instead of adding to it. In a data-parallel run every rank packs the one
+    stream of batches and keeps every world_size-th, starting at its rank: together the ranks read each batch of
+    that stream exactly once, in the order one process would. A batch counts in `tokens_served` when it is handed
+    over, not when the thread prepares it."""
+    import itertools
     import queue
     import threading
 
+    if not 0 <= rank < world_size:
+        raise ValueError(f"make_dataloader: rank {rank} is not in 0 .. world_size - 1 = {world_size - 1}")
     list_shards(split)  # fail fast, in the caller's thread, when data is missing
     batches = queue.Queue(maxsize=prefetch)
 
     def produce():
         try:
             rows = _packed_rows(tokenizer, seq_len + 1, split)
-            while True:
+            for index in itertools.count():
                 block, epoch = zip(*(next(rows) for _ in range(batch_size)))
+                if index % world_size != rank:
+                    continue  # another rank's batch
                 block = np.stack(block)
                 batches.put((np.ascontiguousarray(block[:, :-1]), np.ascontiguousarray(block[:, 1:]), epoch[-1]))
         except BaseException as e:  # hand the error to the consumer
@@ -845,7 +871,113 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4):
         item = batches.get()
         if isinstance(item, BaseException):
             raise item
+        tokens_served[split] += item[0].size
         yield item
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism: one experiment on several processes (Macs, GPUs), started by MLX's own launcher (`mlx.launch`:
+# ring, JACCL, MPI or NCCL) or PyTorch's (`torchrun`: NCCL on GPUs, gloo on CPUs). Each rank trains on its share of
+# every step's batch (make_dataloader), gradients are averaged before the optimizer step (the training script: MLX's
+# nn.average_gradients, torch's DDP), and the harness keeps the ranks in lockstep: one clock, one stop decision, one
+# evaluation, one summary. A plain run is rank 0 of 1 and never communicates.
+
+
+def _launcher_rank():
+    """This process's rank as the launcher announced it in the environment (0 when not launched)."""
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK"):  # mlx.launch (ring, JACCL, NCCL), mpirun
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    if os.environ.get("RANK", "").isdigit() and "LOCAL_RANK" in os.environ:  # torchrun
+        return int(os.environ["RANK"])
+    return 0
+
+
+def _quiet_unless_rank_zero(rank):
+    """Only rank 0 talks: the other ranks' stdout (harness line, progress, summary) goes nowhere, so a launched run
+    prints one log. Errors still reach stderr from every rank."""
+    if rank > 0 and sys.stdout is not None:
+        sys.stdout = open(os.devnull, "w")
+
+
+_quiet_unless_rank_zero(_launcher_rank())  # at import: before the script prints its first line
+
+
+class Distributed:
+    """This process's place in a data-parallel run: `rank` of `world_size` processes, `local_rank` (the GPU a torch
+    rank uses: torchrun's LOCAL_RANK; 0 under MLX, whose launcher pins each rank's GPU itself), `group` (MLX's
+    communication group, or None), and `gather`, the one collective the harness needs."""
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, group=None, all_gather=None):
+        self.rank, self.world_size, self.local_rank, self.group = rank, world_size, local_rank, group
+        self._all_gather = all_gather
+
+    def gather(self, values):
+        """Every rank's float64 `values` (the same length on each) as an array [world_size, n], identical on every
+        rank. Exact: the collective moves bits and adds nothing, so the caller decides the order of any sum."""
+        values = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        if self.world_size == 1:
+            return values[None]
+        return np.asarray(self._all_gather(values), dtype=np.float64).reshape(self.world_size, values.size)
+
+    def agree(self, loss, step_time):
+        """(the mean of the ranks' losses, rank 0's step time): the same two numbers on every rank, so all ranks
+        follow one learning-rate schedule, fail fast together and stop after the same step."""
+        if self.world_size == 1:
+            return loss, step_time
+        both = self.gather([loss, step_time])
+        return float(both[:, 0].sum() / self.world_size), float(both[0, 1])
+
+
+def distributed(backend="mlx"):
+    """Join the data-parallel run this process was launched into and return its Distributed; in a plain run,
+    Distributed() (rank 0 of 1) at no cost. backend: "mlx" (mx.distributed, as mlx.launch set it up) or "torch"
+    (torch.distributed as torchrun set it up: NCCL when CUDA is available, else gloo; each rank on GPU LOCAL_RANK)."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        group = mx.distributed.init()  # a group of one when not launched
+        if group.size() == 1:
+            return Distributed()
+
+        def all_gather(values):  # float64 travels as pairs of uint32: every backend moves those (Metal has no float64)
+            gathered = mx.distributed.all_gather(mx.array(values.view(np.uint32)), group=group)
+            return np.array(gathered).view(np.float64)
+
+        dist = Distributed(group.rank(), group.size(), 0, group, all_gather)
+    elif backend == "torch":
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return Distributed()
+        import atexit
+
+        import torch
+        import torch.distributed as td
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        def close():  # all ranks reach the end before any group goes: an early teardown can abort a peer's gloo
+            td.barrier()
+            td.destroy_process_group()
+
+        atexit.register(close)
+
+        def all_gather(values):
+            local = torch.from_numpy(values).to(device)
+            parts = [torch.empty_like(local) for _ in range(td.get_world_size())]
+            td.all_gather(parts, local)
+            return torch.cat(parts).cpu().numpy()
+
+        dist = Distributed(td.get_rank(), td.get_world_size(), local_rank, None, all_gather)
+    else:
+        raise ValueError(f"backend must be 'mlx' or 'torch', got {backend!r}")
+    _quiet_unless_rank_zero(dist.rank)
+    return dist
+
+
+SINGLE_PROCESS = Distributed()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -898,10 +1030,7 @@ def load_val_rows(tokenizer=None):
         n_rows = EVAL_TOKENS // MAX_SEQ_LEN
         stream = _packed_rows(tokenizer, MAX_SEQ_LEN + 1, "val")
         rows = np.stack([next(stream)[0] for _ in range(n_rows)]).astype(np.uint16)
-        os.makedirs(EVAL_DIR, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, rows)
-        os.replace(path + ".tmp", path)
+        _write_atomic(path, lambda f: np.save(f, rows))
     return np.load(path)
 
 
@@ -923,30 +1052,40 @@ def _is_torch_module(model):
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
-def evaluate_bpb(model, batch_size):
+def evaluate_bpb(model, batch_size, dist=SINGLE_PROCESS):
     """Validation bits per byte: the summed cross-entropy (nats) of every target token whose byte length is > 0,
     divided by ln 2 times the summed byte lengths of those tokens, over exactly EVAL_TOKENS target tokens.
 
     `model` maps int32 token ids [B, MAX_SEQ_LEN] to logits [B, MAX_SEQ_LEN, VOCAB_SIZE]: an MLX callable, or a
     torch.nn.Module (then the same computation runs in torch, on the module's device). The harness computes the loss
     itself: per-token losses in float32 on the device, summed in float64 on the host (a float32 running sum over
-    millions of tokens would drift). So the model cannot change how it is scored, and the score is deterministic."""
+    millions of tokens would drift). So the model cannot change how it is scored, and the score is deterministic.
+
+    In a data-parallel run (`dist`, every rank calls this) rank r scores batches r, r + world_size, ...; the float64
+    sums of all batches are then gathered and added in batch order, as one process adds them: the same val_bpb,
+    bit for bit, whatever the world size."""
     rows = load_val_rows()
     token_bytes = get_token_bytes()
     per_token_nats = _torch_token_losses if _is_torch_module(model) else _mlx_token_losses
-    total_nats, total_bytes = 0.0, 0
+    starts = range(0, len(rows), batch_size)
+    sums = np.zeros((len(starts), 2))  # per batch: nats, bytes (integers, exact in float64 below 2**53)
     progress, t0, total = ProgressLine(), time.time(), rows.shape[0] * (rows.shape[1] - 1)
-    for start in range(0, len(rows), batch_size):
-        block = rows[start : start + batch_size].astype(np.int32)
+    for index in range(dist.rank, len(starts), dist.world_size):
+        block = rows[starts[index] : starts[index] + batch_size].astype(np.int32)
         nats = per_token_nats(model, block[:, :-1], block[:, 1:])
         nbytes = token_bytes[block[:, 1:]]
-        total_nats += float(nats[nbytes > 0].astype(np.float64).sum())
-        total_bytes += int(nbytes.sum())
-        done = (start + len(block)) * (rows.shape[1] - 1)
+        sums[index] = float(nats[nbytes > 0].astype(np.float64).sum()), int(nbytes.sum())
+        done = min(starts[index] + batch_size, len(rows)) * (rows.shape[1] - 1)  # all ranks move in step
         rate = done / max(time.time() - t0, 1e-9)
         progress.update(f"eval: {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {(total - done) / rate:.0f}s left",
-                        force=done == total)
+                        force=index + dist.world_size >= len(starts))
     progress.close()
+    gathered = dist.gather(sums).reshape(dist.world_size, len(starts), 2)
+    total_nats, total_bytes = 0.0, 0
+    for index in range(len(starts)):
+        batch_nats, batch_bytes = gathered[index % dist.world_size, index]  # from the rank that scored the batch
+        total_nats += float(batch_nats)
+        total_bytes += int(batch_bytes)
     return total_nats / (math.log(2) * total_bytes)
 
 
@@ -1071,13 +1210,8 @@ def peak_flops(device_name, dtype, backend="mlx"):
     rate = _measure_matmul_flops(backend, dtype)
     measured[key] = rate
     try:
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        with open(cache + ".tmp", "w") as f:
-            json.dump(measured, f, indent=1)
-        os.replace(cache + ".tmp", cache)
+        _write_atomic(cache, lambda f: json.dump(measured, f, indent=1), "w")
     except OSError as e:
-        if os.path.exists(cache + ".tmp"):
-            os.remove(cache + ".tmp")  # a full disk may have left part of it
         return rate, f"measured matmul this run; not saved to {cache}: {e.strerror}"
     return rate, f"measured matmul, saved to {cache}"
 
@@ -1085,27 +1219,52 @@ def peak_flops(device_name, dtype, backend="mlx"):
 HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
 
 
-def harness_fingerprint():
-    """A short hash of everything that defines the score: the harness source, the active preset, the tokenizer and
-    the validation rows. Two runs with the same fingerprint were scored the same way."""
+def harness_fingerprint(world_size=1):
+    """A short hash of everything that defines the score: the harness source, the active preset, the tokenizer, the
+    validation rows, and the number of processes (N data-parallel processes train on N times the tokens in the same
+    budget). Two runs with the same fingerprint were scored the same way."""
     here = os.path.dirname(os.path.abspath(__file__))
     parts = [os.path.join(here, name) for name in HARNESS_FILES]
     parts += [PRESET_FILE, os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), os.path.join(TOKENIZER_DIR, "token_bytes.npy")]
     parts += [val_rows_path()]
-    digest = hashlib.sha256(f"{MAX_SEQ_LEN}|{TIME_BUDGET}|{EVAL_TOKENS}|{VOCAB_SIZE}".encode())
+    digest = hashlib.sha256(f"{MAX_SEQ_LEN}|{TIME_BUDGET}|{EVAL_TOKENS}|{VOCAB_SIZE}|{world_size}".encode())
     for path in parts:
         digest.update(_file_digest(path, 64).encode() if os.path.exists(path) else b"missing:" + path.encode())
     return digest.hexdigest()[:12]
 
 
-def print_summary(fields):
-    """The run summary the agent greps: `---` then one `key: value` per line, in order, then the harness line."""
+def budget_check(trained_tokens, dist=SINGLE_PROCESS):
+    """`ok` when the training loaders of all ranks together served exactly `trained_tokens` (the global tokens of
+    every training step, num_steps * TOTAL_BATCH_SIZE), each rank its equal share; else what went wrong. A batch
+    read anywhere else (statistics before the clock starts, a second loader, a warm start) breaks the match: all
+    use of training data must happen inside the timed steps. Every rank calls it."""
+    served = dist.gather([tokens_served["train"]])[:, 0].astype(np.int64)
+    if trained_tokens is None:
+        return "not checked (the training script did not pass trained_tokens to print_summary)"
+    if served.sum() == trained_tokens and (served * dist.world_size == trained_tokens).all():
+        return "ok"
+    extra = int(served.sum()) - trained_tokens
+    if extra > 0:
+        where = f"{extra:,} read outside the timed steps"
+    else:
+        where = f"{-extra:,} trained on but never served" if extra < 0 else "the ranks' shares differ"
+    if dist.world_size > 1:
+        where += f"; per rank: {', '.join(f'{int(n):,}' for n in served)}"
+    return (f"FAIL: the loader served {int(served.sum()):,} training tokens, the steps trained on "
+            f"{trained_tokens:,} ({where})")
+
+
+def print_summary(fields, trained_tokens=None, dist=SINGLE_PROCESS):
+    """The run summary the agent greps: `---` then one `key: value` per line, in order, then world_size, the budget
+    check (see budget_check) and the harness line. In a data-parallel run every rank calls it; rank 0 prints."""
+    check = budget_check(trained_tokens, dist)
     print("---")
-    for key, value in fields.items():
+    for key, value in {**fields, "world_size": dist.world_size}.items():
         if isinstance(value, float):
             value = f"{value:.6f}" if key == "val_bpb" else f"{value:.2f}"
         print(f"{key}: {value}")
-    print(f"harness: {harness_fingerprint()}", flush=True)
+    print(f"budget_check: {check}")
+    print(f"harness: {harness_fingerprint(dist.world_size)}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

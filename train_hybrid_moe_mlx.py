@@ -189,26 +189,27 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     from_start = exp(log_decay)
     if rank > 1:
         to_end, from_start = mx.repeat(to_end, rank, axis=-1), mx.repeat(from_start, rank, axis=-1)
-    chunk_states = shared_matmul((v * to_end[..., None]).swapaxes(-1, -2), k)  # ... C p n
+    shared = k.shape[-4] == 1 < v.shape[-4]  # SSD: the heads of a group share q and k
+    chunk_states = (v * to_end[..., None]).swapaxes(-1, -2)  # ... C p (c r)
+    chunk_states = shared_matmul(chunk_states, k) if shared else chunk_states @ k  # ... C p n
     # 3. Pass the states across chunks, a loop over chunks (not tokens): S_in[j+1] = decay of chunk j * S_in[j] + its
     #    own state, from S_in[0] = start_state.
     start_state = mx.broadcast_to(start_state, chunk_states.shape[:-3] + chunk_states.shape[-2:])
     entering, final = carry_states(exp(log_decay[..., -1])[..., None, None], chunk_states, start_state)
     # 4. Each token reads the state its chunk received, decayed from the chunk start.
-    read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    if shared:
+        read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    else:
+        read = q @ entering.swapaxes(-1, -2)
     return y + read * from_start[..., None], final
 
 
 def shared_matmul(per_head, shared):
-    """per_head `... h C m k` @ shared `... 1 C k n` (or `... h C k n`). When the heads share the right operand (SSD's
-    B and C within a group), their rows are stacked into one (h m) x k matmul per chunk: a few large products run
-    faster than many small ones."""
-    h = per_head.shape[-4]
-    if shared.shape[-4] != 1 or h == 1:
-        return per_head @ shared
-    *lead, _, C, m, k = per_head.shape
-    stacked = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k)  # ... C (h m) k
-    out = stacked @ shared.squeeze(-4)  # ... C (h m) n
+    """per_head `... h C m k` @ shared `... 1 C k n`: the heads share the right operand (SSD's B and C within a
+    group), so their rows are stacked into one (h m) x k matmul per chunk (a few large products run faster than many
+    small ones, measured)."""
+    *lead, h, C, m, k = per_head.shape
+    out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
     return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
 
 
@@ -929,6 +930,7 @@ def make_training_step(model, optimizer, grad_accum_steps):
 
     @partial(mx.compile, inputs=state, outputs=state)
     def optimizer_step(grads, lr_mult):
+        grads = nn.average_gradients(grads)  # mean over data-parallel ranks (a no-op in a plain run)
         grads = tree_map(lambda g: g / grad_accum_steps, grads)  # mean over micro-batches
         if GRAD_CLIP > 0:
             norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
@@ -969,44 +971,43 @@ def expert_load_summary(run_counts):
             f"(share of routed tokens per expert; uniform {1 / run_counts.shape[1]:.3f})")
 
 
-def check_hyperparameters(seq_len):
-    """Clear one-line errors for settings that cannot train, before any time is spent."""
+def check_hyperparameters(tokens_per_micro_step):
+    """One-line errors for settings that cannot train, before any time is spent."""
     try:
-        validate_pattern(HYBRID_PATTERN)
+        pattern_problem = validate_pattern(HYBRID_PATTERN) and ""
     except ValueError as e:
-        raise prepare.HarnessError(f"Bad hyperparameter: {e}. Fix it in {os.path.basename(__file__)}.") from None
-    checks = [
-        (MAMBA_TYPE in ("mamba-2", "mamba-3"), f"MAMBA_TYPE must be 'mamba-2' or 'mamba-3', got {MAMBA_TYPE!r}"),
-        (COMPUTE_DTYPE in ("auto", "float32", "bfloat16", "float16"),
-         f"COMPUTE_DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', got {COMPUTE_DTYPE!r}"),
-        (min(D_MODEL, D_STATE, HEADDIM, EXPAND, NGROUPS, D_CONV, MIMO_RANK, NUM_ATTENTION_HEADS, NUM_KV_HEADS,
-             ATTN_HEAD_DIM, NUM_EXPERTS, TOP_K, EXPERT_HIDDEN, DENSE_MLP_HIDDEN) > 0,
-         "every width, head count and expert count must be positive"),
-        (CHUNK_SIZE >= 0 and SHARED_EXPERT_HIDDEN >= 0, "CHUNK_SIZE and SHARED_EXPERT_HIDDEN must be >= 0"),
-        (EXPAND * D_MODEL % HEADDIM == 0, f"EXPAND * D_MODEL ({EXPAND * D_MODEL}) must be a multiple of HEADDIM"),
-        ((EXPAND * D_MODEL // max(HEADDIM, 1)) % NGROUPS == 0, "the heads (EXPAND * D_MODEL / HEADDIM) must split "
-                                                               "evenly into NGROUPS"),
-        (MAMBA_TYPE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
-         f"ROPE_FRACTION * D_STATE must give at least one rotary pair, got {ROPE_FRACTION} * {D_STATE}"),
-        (NUM_ATTENTION_HEADS % max(NUM_KV_HEADS, 1) == 0,
-         f"NUM_ATTENTION_HEADS ({NUM_ATTENTION_HEADS}) must be a multiple of NUM_KV_HEADS ({NUM_KV_HEADS})"),
-        (TOP_K <= NUM_EXPERTS, f"TOP_K ({TOP_K}) must be at most NUM_EXPERTS ({NUM_EXPERTS})"),
-        (DEVICE_BATCH_SIZE > 0 and TOTAL_BATCH_SIZE > 0, "DEVICE_BATCH_SIZE and TOTAL_BATCH_SIZE must be positive"),
-        (TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * seq_len) == 0,
-         f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-         f"({DEVICE_BATCH_SIZE} * {seq_len})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise prepare.HarnessError(f"Bad hyperparameter: {message}. Fix it in {os.path.basename(__file__)}.")
+        pattern_problem = str(e).replace(f"HYBRID_PATTERN {HYBRID_PATTERN!r} ", "").replace("HYBRID_PATTERN ", "")
+    g, heads = globals(), EXPAND * D_MODEL // HEADDIM if HEADDIM > 0 else 0
+    prepare.check_hyperparameters("train_hybrid_moe_mlx", [
+        ("HYBRID_PATTERN", not pattern_problem, f"{HYBRID_PATTERN!r}: {pattern_problem}"),
+        prepare.one_of(g, "MAMBA_TYPE", ("mamba-2", "mamba-3")),
+        prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        *prepare.positive(g, "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
+                          "NUM_ATTENTION_HEADS", "NUM_KV_HEADS", "ATTN_HEAD_DIM", "NUM_EXPERTS", "TOP_K",
+                          "EXPERT_HIDDEN", "DENSE_MLP_HIDDEN", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+        ("CHUNK_SIZE", CHUNK_SIZE >= 0, f"must be >= 0 (0 = the block's default), got {CHUNK_SIZE!r}"),
+        ("SHARED_EXPERT_HIDDEN", SHARED_EXPERT_HIDDEN >= 0, f"must be >= 0 (0 = none), got {SHARED_EXPERT_HIDDEN!r}"),
+        ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
+         f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}"),
+        ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
+        ("ROPE_FRACTION", MAMBA_TYPE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
+         f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
+        ("NUM_KV_HEADS", NUM_KV_HEADS > 0 and NUM_ATTENTION_HEADS % NUM_KV_HEADS == 0,
+         f"must divide NUM_ATTENTION_HEADS ({NUM_ATTENTION_HEADS}), got {NUM_KV_HEADS!r}"),
+        ("TOP_K", 0 < TOP_K <= NUM_EXPERTS, f"must be between 1 and NUM_EXPERTS ({NUM_EXPERTS}), got {TOP_K!r}"),
+        ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
+         f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
+         f"got {TOTAL_BATCH_SIZE!r}"),
+    ])
 
 
 def main():
     t_start = t_script_start
+    dist = prepare.distributed("mlx")  # rank and world size under mlx.launch; rank 0 of 1 in a plain run
     seq_len = prepare.MAX_SEQ_LEN
-    check_hyperparameters(seq_len)
+    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     check_hand_written_gradients()  # an edited forward with a stale gradient stops the run here
-    mx.random.seed(SEED)
+    mx.random.seed(SEED)  # the same on every rank: all ranks start from the same weights
     tokenizer = prepare.Tokenizer.from_directory()
     # bf16 where the device runs it well (GPUs); on MLX's CPU backend bf16 matmuls bypass the BLAS (`bench/
     # bench_mamba_mlx.py --only dtype`: the step ~12x slower), so "auto" is float32 there.
@@ -1021,16 +1022,18 @@ def main():
     flops_per_token = model.flops_per_token(seq_len)
     mamba_type = MAMBA_TYPE + (f" (MIMO rank {MIMO_RANK})" if MAMBA_TYPE == "mamba-3" and IS_MIMO else "")
     num_moe_blocks = len(model.moe_layers())
-    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len)
+    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: hybrid {HYBRID_PATTERN} ({mamba_type}), {num_params / 1e6:.2f}M parameters, "
           f"{num_active_params / 1e6:.2f}M active per token, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, "
           f"device {device_name()}")
-    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
+          f"x {dist.world_size} processes")
 
     optimizer = AdamW(model)
     training_step = make_training_step(model, optimizer, grad_accum_steps)
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
+                                           world_size=dist.world_size)
     progress_line = prepare.ProgressLine()
     # Routed slots per expert over the whole run, summed on the device (read once, for the summary).
     run_expert_counts = mx.zeros((num_moe_blocks, NUM_EXPERTS), mx.int64)
@@ -1049,7 +1052,7 @@ def main():
         mx.async_eval(run_expert_counts)
         train_loss = loss.item()  # the one host sync of the step
         balance = balance.item()  # (computed with the loss: no second wait)
-        step_time = time.time() - t0
+        train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
@@ -1073,14 +1076,14 @@ def main():
 
     # Evaluation: the harness scores a compiled forward pass (same weights, no training state).
     t_eval = time.time()
-    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE)
+    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
 
     timed_steps = step - 1
     total_tokens = step * TOTAL_BATCH_SIZE
     tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
     peak, peak_source = prepare.peak_flops(device_name(), "float32" if compute_dtype == mx.float32 else "bfloat16")
-    mfu = 100 * flops_per_token * tokens_per_s / peak
+    mfu = 100 * flops_per_token * tokens_per_s / (peak * dist.world_size)  # tokens/s of all ranks
     print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
     print(f"eval_seconds: {eval_seconds:.1f}")
     print(f"throughput: {tokens_per_s:,.0f} tok/s; MFU against {peak / 1e9:.0f} GFLOP/s ({peak_source})")
@@ -1099,8 +1102,8 @@ def main():
         "hybrid_pattern": HYBRID_PATTERN,
         "mamba_type": mamba_type,
         "num_active_params_M": num_active_params / 1e6,
-        "expert_load": expert_load_summary(run_expert_counts),
-    })
+        "expert_load": expert_load_summary(mx.distributed.all_sum(run_expert_counts)),  # all ranks' tokens
+    }, trained_tokens=total_tokens, dist=dist)
 
 
 # =====================================================================================================================
@@ -1293,4 +1296,4 @@ def _causal_conv1d_vjp(primals, d_out, out):
 # =====================================================================================================================
 
 if __name__ == "__main__":
-    main()
+    prepare.run(main)

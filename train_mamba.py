@@ -7,10 +7,12 @@ On CUDA it trains under bf16 autocast with torch.compile and fused AdamW, and us
 when they import and agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32.
 
 Run: `uv run --extra torch train_mamba.py` (architecture from AUTORESEARCH_MLX_ARCHITECTURE, else the preset's
-`train_mamba` section, else the constant below). The math is in MODELS.md; every chunked scan below has a one-token
-step recurrence that the tests hold it to (tests/test_train_mamba_torch.py).
+`train_mamba` section, else the constant below). The math: the Mamba-2 paper (Dao & Gu, 2024, arXiv:2405.21060) and
+mamba_ssm's Mamba3 module, summarised in train_mamba_3_mlx.py's Mamba section; every chunked scan below has a
+one-token step recurrence that the tests hold it to (tests/test_train_mamba_torch.py).
 """
 
+import contextlib
 import gc
 import math
 import os
@@ -27,6 +29,7 @@ from prepare import apply_preset
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters (canonical full-size defaults, the same as train_mamba_3_mlx.py; the preset may override them)
@@ -1014,14 +1017,17 @@ def lr_multiplier(progress):
     return 1.0 - decay * (1.0 - FINAL_LR_FRAC)
 
 
-def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None):
+def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
     """One optimizer step: forward + backward per micro-batch (gradients accumulate in .grad), clip, AdamW. No host
-    sync inside: the loss stays on the device, and the next micro-batch is fetched and copied while the GPU runs the
-    work already queued. Returns step(batches, lr_mult) -> (mean loss as a device tensor, epoch of the last batch).
-    compile_model: torch.compile the forward (default: on CUDA when COMPILE)."""
+    sync inside: the loss stays on the device, and the next micro-batch of the step is fetched and copied while the
+    GPU runs the work already queued (never one beyond the step: the budget check counts every batch fetched).
+    Returns step(batches, lr_mult) -> (mean loss as a device tensor, epoch of the last batch).
+    compile_model: torch.compile the forward (default: on CUDA when COMPILE). data_parallel: wrap the model in DDP,
+    which averages the gradients over the ranks during the last micro-batch's backward."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
-    forward = torch.compile(model) if compile_model else model
+    wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
+    forward = torch.compile(wrapped) if compile_model else wrapped
     prefetched = []  # the next (x, y, epoch), already on its way to the device
 
     def fetch(batches):
@@ -1032,12 +1038,15 @@ def make_training_step(model, optimizer, grad_accum_steps, device, compile_model
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_mult
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum_steps):
+        for micro_step in range(grad_accum_steps):
             x, y, epoch = prefetched.pop() if prefetched else fetch(batches)
-            loss = forward(x, y)
-            (loss / grad_accum_steps).backward()
+            last = micro_step == grad_accum_steps - 1
+            with wrapped.no_sync() if data_parallel and not last else contextlib.nullcontext():  # all-reduce once
+                loss = forward(x, y)
+                (loss / grad_accum_steps).backward()
             loss_sum += loss.detach()
-            prefetched.append(fetch(batches))  # the host fetches while the GPU runs the queued work
+            if not last:
+                prefetched.append(fetch(batches))  # the host fetches while the GPU runs the queued work
         if GRAD_CLIP > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
         optimizer.step()
@@ -1081,8 +1090,9 @@ def synchronize(device):
 
 def main():
     t_start = t_script_start
-    torch.manual_seed(SEED)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = prepare.distributed("torch")  # rank and world size under torchrun; rank 0 of 1 in a plain run
+    torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
+    device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (if any) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -1096,21 +1106,23 @@ def main():
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
     scan_backend = choose_scan_backend(config, device)
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len * dist.world_size  # one micro-batch on every rank
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
         raise SystemExit(
-            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-            f"({DEVICE_BATCH_SIZE} * {seq_len} = {tokens_per_micro_step})."
+            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * world size "
+            f"({DEVICE_BATCH_SIZE} * {seq_len} * {dist.world_size} = {tokens_per_micro_step})."
         )
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name(device)}, "
           f"scan {scan_backend}")
-    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
+          f"x {dist.world_size} processes")
 
     optimizer = make_optimizer(model, device)
-    training_step = make_training_step(model, optimizer, grad_accum_steps, device)
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
+    training_step = make_training_step(model, optimizer, grad_accum_steps, device, data_parallel=dist.world_size > 1)
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
+                                           world_size=dist.world_size)
     progress_line = prepare.ProgressLine()
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
@@ -1126,7 +1138,7 @@ def main():
         lr_mult = lr_multiplier(progress)
         loss, epoch = training_step(train_loader, lr_mult)
         train_loss = loss.item()  # the one host sync of the step
-        step_time = time.time() - t0
+        train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
@@ -1150,7 +1162,7 @@ def main():
 
     # Evaluation: the harness scores the (compiled, on CUDA) model's forward pass, under the model's own autocast.
     t_eval = time.time()
-    val_bpb = prepare.evaluate_bpb(training_step.forward, DEVICE_BATCH_SIZE)
+    val_bpb = prepare.evaluate_bpb(training_step.forward, DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
 
     timed_steps = step - 1
@@ -1158,7 +1170,7 @@ def main():
     tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
     peak_dtype = "float32" if compute_dtype == torch.float32 else "bfloat16"
     peak, peak_source = prepare.peak_flops(device_name(device), peak_dtype, backend="torch")
-    mfu = 100 * flops_per_token * tokens_per_s / peak
+    mfu = 100 * flops_per_token * tokens_per_s / (peak * dist.world_size)  # tokens_per_s counts all ranks
     print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
     print(f"eval_seconds: {eval_seconds:.1f}")
     print(f"throughput: {tokens_per_s:,.0f} tok/s; MFU against {peak / 1e9:.0f} GFLOP/s ({peak_source})")
@@ -1175,7 +1187,7 @@ def main():
         "num_params_M": num_params / 1e6,
         "depth": DEPTH,
         "scan_backend": scan_backend,
-    })
+    }, trained_tokens=total_tokens, dist=dist)
 
 
 if __name__ == "__main__":

@@ -159,26 +159,27 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     from_start = exp(log_decay)
     if rank > 1:
         to_end, from_start = mx.repeat(to_end, rank, axis=-1), mx.repeat(from_start, rank, axis=-1)
-    chunk_states = shared_matmul((v * to_end[..., None]).swapaxes(-1, -2), k)  # ... C p n
+    shared = k.shape[-4] == 1 < v.shape[-4]  # SSD: the heads of a group share q and k
+    chunk_states = (v * to_end[..., None]).swapaxes(-1, -2)  # ... C p (c r)
+    chunk_states = shared_matmul(chunk_states, k) if shared else chunk_states @ k  # ... C p n
     # 3. Pass the states across chunks, a loop over chunks (not tokens): S_in[j+1] = decay of chunk j * S_in[j] + its
     #    own state, from S_in[0] = start_state.
     start_state = mx.broadcast_to(start_state, chunk_states.shape[:-3] + chunk_states.shape[-2:])
     entering, final = carry_states(exp(log_decay[..., -1])[..., None, None], chunk_states, start_state)
     # 4. Each token reads the state its chunk received, decayed from the chunk start.
-    read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    if shared:
+        read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    else:
+        read = q @ entering.swapaxes(-1, -2)
     return y + read * from_start[..., None], final
 
 
 def shared_matmul(per_head, shared):
-    """per_head `... h C m k` @ shared `... 1 C k n` (or `... h C k n`). When the heads share the right operand (SSD's
-    B and C within a group), their rows are stacked into one (h m) x k matmul per chunk: a few large products run
-    faster than many small ones."""
-    h = per_head.shape[-4]
-    if shared.shape[-4] != 1 or h == 1:
-        return per_head @ shared
-    *lead, _, C, m, k = per_head.shape
-    stacked = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k)  # ... C (h m) k
-    out = stacked @ shared.squeeze(-4)  # ... C (h m) n
+    """per_head `... h C m k` @ shared `... 1 C k n`: the heads share the right operand (SSD's B and C within a
+    group), so their rows are stacked into one (h m) x k matmul per chunk (a few large products run faster than many
+    small ones, measured)."""
+    *lead, h, C, m, k = per_head.shape
+    out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
     return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
 
 
@@ -681,6 +682,7 @@ def make_training_step(model, optimizer, grad_accum_steps):
 
     @partial(mx.compile, inputs=state, outputs=state)
     def optimizer_step(grads, lr_mult):
+        grads = nn.average_gradients(grads)  # mean over data-parallel ranks (a no-op in a plain run)
         grads = tree_map(lambda g: g / grad_accum_steps, grads)  # mean over micro-batches
         if GRAD_CLIP > 0:
             norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
@@ -703,28 +705,25 @@ def make_training_step(model, optimizer, grad_accum_steps):
     return step
 
 
-def check_hyperparameters(seq_len):
-    """Clear one-line errors for settings that cannot train, before any time is spent."""
-    checks = [
-        (ARCHITECTURE in ("mamba-2", "mamba-3"), f"ARCHITECTURE must be 'mamba-2' or 'mamba-3', got {ARCHITECTURE!r}"),
-        (COMPUTE_DTYPE in ("auto", "float32", "bfloat16", "float16"),
-         f"COMPUTE_DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', got {COMPUTE_DTYPE!r}"),
-        (min(DEPTH, D_MODEL, D_STATE, HEADDIM, EXPAND, NGROUPS, D_CONV, MIMO_RANK) > 0,
-         "DEPTH, D_MODEL, D_STATE, HEADDIM, EXPAND, NGROUPS, D_CONV and MIMO_RANK must be positive"),
-        (CHUNK_SIZE >= 0 and MLP_EXPAND >= 0, "CHUNK_SIZE and MLP_EXPAND must be >= 0 (0 = default / no MLP)"),
-        (EXPAND * D_MODEL % HEADDIM == 0, f"EXPAND * D_MODEL ({EXPAND * D_MODEL}) must be a multiple of HEADDIM"),
-        ((EXPAND * D_MODEL // max(HEADDIM, 1)) % NGROUPS == 0, "the heads (EXPAND * D_MODEL / HEADDIM) must split "
-                                                               "evenly into NGROUPS"),
-        (ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
-         f"ROPE_FRACTION * D_STATE must give at least one rotary pair, got {ROPE_FRACTION} * {D_STATE}"),
-        (DEVICE_BATCH_SIZE > 0 and TOTAL_BATCH_SIZE > 0, "DEVICE_BATCH_SIZE and TOTAL_BATCH_SIZE must be positive"),
-        (TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * seq_len) == 0,
-         f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-         f"({DEVICE_BATCH_SIZE} * {seq_len})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise prepare.HarnessError(f"Bad hyperparameter: {message}. Fix it in {os.path.basename(__file__)}.")
+def check_hyperparameters(tokens_per_micro_step):
+    """One-line errors for settings that cannot train, before any time is spent."""
+    g, heads = globals(), EXPAND * D_MODEL // HEADDIM if HEADDIM > 0 else 0
+    prepare.check_hyperparameters("train_mamba_3_mlx", [
+        prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
+        prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        *prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
+                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+        ("CHUNK_SIZE", CHUNK_SIZE >= 0, f"must be >= 0 (0 = the block's default), got {CHUNK_SIZE!r}"),
+        ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
+        ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
+         f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}"),
+        ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
+        ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
+         f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
+        ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
+         f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
+         f"got {TOTAL_BATCH_SIZE!r}"),
+    ])
 
 
 def device_name():
@@ -733,10 +732,11 @@ def device_name():
 
 def main():
     t_start = t_script_start
+    dist = prepare.distributed("mlx")  # rank and world size under mlx.launch; rank 0 of 1 in a plain run
     seq_len = prepare.MAX_SEQ_LEN
-    check_hyperparameters(seq_len)
+    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     check_hand_written_gradients()  # an edited forward with a stale gradient stops the run here
-    mx.random.seed(SEED)
+    mx.random.seed(SEED)  # the same on every rank: all ranks start from the same weights
     tokenizer = prepare.Tokenizer.from_directory()
     # bf16 where the device runs it well (GPUs); on MLX's CPU backend bf16 matmuls bypass the BLAS (`bench/
     # bench_mamba_mlx.py --only dtype`: the step ~12x slower), so "auto" is float32 there.
@@ -749,15 +749,17 @@ def main():
     num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     flops_per_token = model.flops_per_token()
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
-    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len)
+    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {str(compute_dtype).split('.')[-1]}, "
           f"device {device_name()}")
-    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
+          f"x {dist.world_size} processes")
 
     optimizer = AdamW(model)
     training_step = make_training_step(model, optimizer, grad_accum_steps)
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
+                                           world_size=dist.world_size)
     progress_line = prepare.ProgressLine()
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
@@ -771,7 +773,7 @@ def main():
         lr_mult = lr_multiplier(min(training_time / prepare.TIME_BUDGET, 1.0))
         loss, epoch = training_step(train_loader, lr_mult)
         train_loss = loss.item()  # the one host sync of the step
-        step_time = time.time() - t0
+        train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
@@ -793,7 +795,7 @@ def main():
 
     # Evaluation: the harness scores a compiled forward pass (same weights, no training state).
     t_eval = time.time()
-    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE)
+    val_bpb = prepare.evaluate_bpb(mx.compile(model, inputs=model.state), DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
 
     tokens_per_s = (step - 1) * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
@@ -808,12 +810,12 @@ def main():
         "training_seconds": training_time,
         "total_seconds": time.time() - t_start,
         "peak_memory_mb": mx.get_peak_memory() / 1024**2,
-        "mfu_percent": 100 * flops_per_token * tokens_per_s / peak,
+        "mfu_percent": 100 * flops_per_token * tokens_per_s / (peak * dist.world_size),  # tokens/s of all ranks
         "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
         "num_steps": step,
         "num_params_M": num_params / 1e6,
         "depth": DEPTH,
-    })
+    }, trained_tokens=step * TOTAL_BATCH_SIZE, dist=dist)
 
 
 # =====================================================================================================================
@@ -1006,4 +1008,4 @@ def _causal_conv1d_vjp(primals, d_out, out):
 # =====================================================================================================================
 
 if __name__ == "__main__":
-    main()
+    prepare.run(main)

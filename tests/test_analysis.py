@@ -1,5 +1,5 @@
 """analysis.ipynb runs headless on a results log the test writes: counts, kept list, plot, and clear messages for an
-empty or crash-only log."""
+empty or crash-only log; several agents' logs in one figure; the summary also lands in progress.txt for a terminal."""
 
 import os
 
@@ -20,10 +20,10 @@ ROWS = [
 ]
 
 
-def run_notebook(tmp_path, log_text, monkeypatch):
+def run_notebook(tmp_path, log_text, monkeypatch, results_tsv=None):
     log, png = tmp_path / "results.tsv", tmp_path / "progress.png"
     log.write_text(log_text)
-    monkeypatch.setenv("RESULTS_TSV", str(log))
+    monkeypatch.setenv("RESULTS_TSV", results_tsv or str(log))
     monkeypatch.setenv("PROGRESS_PNG", str(png))
     notebook = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -37,6 +37,7 @@ def test_full_log_counts_and_plot(tmp_path, monkeypatch):
     assert "keep rate: 60% of 5 finished runs" in text
     assert "best val_bpb: 1.990000" in text and "depth 4 instead of 8" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (tmp_path / "progress.txt").read_text() == text  # what a terminal user reads: the same summary
 
 
 def test_four_column_log_without_memory(tmp_path, monkeypatch):
@@ -55,3 +56,22 @@ def test_four_column_log_without_memory(tmp_path, monkeypatch):
 def test_empty_or_crash_only_log_gives_a_clear_message(tmp_path, monkeypatch, log_text, message):
     text, png = run_notebook(tmp_path, log_text, monkeypatch)
     assert message in text and not png.exists()
+
+
+def test_several_agents_in_one_figure(tmp_path, monkeypatch):
+    """Two agents of one tag, each a worktree with its own log: one figure, each agent's counts and best, and the
+    best of all named with its agent."""
+    other = [("f6a7b8c", "2.080000", "1.2", "keep", "baseline"),
+             ("a7b8c9d", "1.950000", "1.2", "keep", "GRAD_CLIP 0.5"),
+             ("b8c9d0e", "1.970000", "1.2", "discard", "D_STATE 32")]
+    for agent, rows in (("mar5-gpu0", ROWS), ("mar5-gpu1", other)):
+        (tmp_path / agent).mkdir()
+        (tmp_path / agent / "results.tsv").write_text(HEADER + "".join("\t".join(r) + "\n" for r in rows))
+    text, png = run_notebook(tmp_path, HEADER, monkeypatch, results_tsv=str(tmp_path / "mar5-*" / "results.tsv"))
+    assert "2 agents: mar5-gpu0, mar5-gpu1" in text
+    assert "mar5-gpu0: experiments: 6  keep: 3  discard: 2  crash: 1" in text
+    assert "mar5-gpu1: experiments: 3  keep: 2  discard: 1  crash: 0" in text
+    assert "mar5-gpu0: best val_bpb: 1.990000" in text and "mar5-gpu1: best is a7b8c9d (GRAD_CLIP 0.5)" in text
+    assert "best of all agents: 1.950000 by mar5-gpu1, a7b8c9d (GRAD_CLIP 0.5)" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (tmp_path / "progress.txt").read_text() == text

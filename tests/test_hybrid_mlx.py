@@ -318,7 +318,7 @@ def test_bfloat16_compute():
 SUMMARY_KEYS = [
     "architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
     "total_tokens_M", "num_steps", "num_params_M", "depth", "hybrid_pattern", "mamba_type", "num_active_params_M",
-    "expert_load", "harness",
+    "expert_load", "world_size", "budget_check", "harness",
 ]
 
 
@@ -342,6 +342,7 @@ def test_smoke_run(prepared_cache):
     summary = dict(re.findall(r"^(\w+): (.*)$", result.stdout.split("\n---\n")[-1], flags=re.M))
     assert list(summary) == SUMMARY_KEYS
     assert summary["architecture"] == "hybrid" and summary["preset"] == "smoke"
+    assert summary["world_size"] == "1" and summary["budget_check"] == "ok"
     assert math.isfinite(float(summary["val_bpb"])) and 0 < float(summary["val_bpb"]) < 20
     assert int(summary["num_steps"]) >= 2
     # The module under test was imported with the same preset, so its constants are the run's.

@@ -16,7 +16,7 @@ import train_mamba_3_mlx as T
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = [
     "architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
-    "total_tokens_M", "num_steps", "num_params_M", "depth", "harness",
+    "total_tokens_M", "num_steps", "num_params_M", "depth", "world_size", "budget_check", "harness",
 ]
 # The first run on a fresh machine also JIT-compiles MLX's fused CPU kernels (cached in the temp dir afterwards).
 RUN_TIMEOUT = 900
@@ -49,6 +49,7 @@ def test_smoke_run_prints_full_summary(prepared_cache, architecture):
     assert int(summary["num_steps"]) >= 2
     assert float(summary["training_seconds"]) >= prepare.TIME_BUDGET  # the run ends on the budget
     assert int(summary["depth"]) == T.DEPTH
+    assert summary["world_size"] == "1" and summary["budget_check"] == "ok"
     assert "startup_seconds:" in result.stdout and "eval_seconds:" in result.stdout
 
 

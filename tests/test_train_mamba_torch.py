@@ -386,7 +386,7 @@ def test_training_steps_match_mlx_script(name):
     mlx_step = mlx_script.make_training_step(mlx_model, mlx_script.AdamW(mlx_model), grad_accum)
     torch_step = tm.make_training_step(torch_model, tm.make_optimizer(torch_model, torch.device("cpu")), grad_accum,
                                        torch.device("cpu"), compile_model=False)
-    mlx_batches, torch_batches = iter(batches), iter(batches + [batches[-1]])  # the torch step prefetches one more
+    mlx_batches, torch_batches = iter(batches), iter(batches)  # neither step fetches beyond its own micro-batches
     for i in range(steps):
         lr_mult = tm.lr_multiplier(i / steps)
         want, _ = mlx_step(mlx_batches, lr_mult)
@@ -473,9 +473,11 @@ def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architectur
     summary = done.stdout.split("\n---\n")[-1]
     fields = dict(line.split(": ", 1) for line in summary.strip().splitlines())
     keys = ["architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
-            "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "harness"]
+            "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "world_size",
+            "budget_check", "harness"]
     assert list(fields) == keys
     assert fields["architecture"] == architecture
+    assert fields["world_size"] == "1" and fields["budget_check"] == "ok"  # no batch fetched beyond the last step
     assert fields["scan_backend"] == "torch" or fields["scan_backend"].startswith("mamba_ssm.")  # fused: CUDA only
     for key in ("val_bpb", "training_seconds", "peak_memory_mb", "mfu_percent", "num_params_M"):
         assert math.isfinite(float(fields[key])) and float(fields[key]) > 0, key
