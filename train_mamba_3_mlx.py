@@ -159,26 +159,27 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     from_start = exp(log_decay)
     if rank > 1:
         to_end, from_start = mx.repeat(to_end, rank, axis=-1), mx.repeat(from_start, rank, axis=-1)
-    chunk_states = shared_matmul((v * to_end[..., None]).swapaxes(-1, -2), k)  # ... C p n
+    shared = k.shape[-4] == 1 < v.shape[-4]  # SSD: the heads of a group share q and k
+    chunk_states = (v * to_end[..., None]).swapaxes(-1, -2)  # ... C p (c r)
+    chunk_states = shared_matmul(chunk_states, k) if shared else chunk_states @ k  # ... C p n
     # 3. Pass the states across chunks, a loop over chunks (not tokens): S_in[j+1] = decay of chunk j * S_in[j] + its
     #    own state, from S_in[0] = start_state.
     start_state = mx.broadcast_to(start_state, chunk_states.shape[:-3] + chunk_states.shape[-2:])
     entering, final = carry_states(exp(log_decay[..., -1])[..., None, None], chunk_states, start_state)
     # 4. Each token reads the state its chunk received, decayed from the chunk start.
-    read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    if shared:
+        read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+    else:
+        read = q @ entering.swapaxes(-1, -2)
     return y + read * from_start[..., None], final
 
 
 def shared_matmul(per_head, shared):
-    """per_head `... h C m k` @ shared `... 1 C k n` (or `... h C k n`). When the heads share the right operand (SSD's
-    B and C within a group), their rows are stacked into one (h m) x k matmul per chunk: a few large products run
-    faster than many small ones."""
-    h = per_head.shape[-4]
-    if shared.shape[-4] != 1 or h == 1:
-        return per_head @ shared
-    *lead, _, C, m, k = per_head.shape
-    stacked = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k)  # ... C (h m) k
-    out = stacked @ shared.squeeze(-4)  # ... C (h m) n
+    """per_head `... h C m k` @ shared `... 1 C k n`: the heads share the right operand (SSD's B and C within a
+    group), so their rows are stacked into one (h m) x k matmul per chunk (a few large products run faster than many
+    small ones, measured)."""
+    *lead, h, C, m, k = per_head.shape
+    out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
     return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
 
 
