@@ -1,5 +1,5 @@
 """End-to-end checks of train_mamba_3_mlx.py: smoke runs (smoke preset, a few seconds of training on the tiny prepared
-corpus), import without side effects, fast fail on divergence, and generation through the recurrent step path."""
+corpus), import without side effects, fast fail on divergence, and generation with carried state."""
 
 import json
 import math
