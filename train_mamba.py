@@ -1064,6 +1064,27 @@ def resolve_compute_dtype(device):
     return getattr(torch, COMPUTE_DTYPE)
 
 
+def check_hyperparameters(tokens_per_micro_step):
+    """One-line errors for settings that cannot train, before any time is spent."""
+    g, heads = globals(), EXPAND * D_MODEL // HEADDIM if HEADDIM > 0 else 0
+    prepare.check_hyperparameters("train_mamba", [
+        prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
+        prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        *prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
+                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+        ("CHUNK_SIZE", CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"),
+        ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
+        ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
+         f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}"),
+        ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
+        ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
+         f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
+        ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
+         f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
+         f"got {TOTAL_BATCH_SIZE!r}"),
+    ])
+
+
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
 
@@ -1097,6 +1118,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (if any) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     seq_len = prepare.MAX_SEQ_LEN
+    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     tokenizer = prepare.Tokenizer.from_directory()
     compute_dtype = resolve_compute_dtype(device)
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size())
@@ -1106,13 +1128,7 @@ def main():
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
     scan_backend = choose_scan_backend(config, device)
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * seq_len * dist.world_size  # one micro-batch on every rank
-    if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(
-            f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * world size "
-            f"({DEVICE_BATCH_SIZE} * {seq_len} * {dist.world_size} = {tokens_per_micro_step})."
-        )
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name(device)}, "
           f"scan {scan_backend}")
@@ -1191,4 +1207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    prepare.run(main)
