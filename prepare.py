@@ -958,6 +958,7 @@ def distributed(backend="mlx"):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
         def close():  # all ranks reach the end before any group goes: an early teardown can abort a peer's gloo
             td.barrier()
             td.destroy_process_group()

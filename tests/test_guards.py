@@ -53,8 +53,8 @@ def test_a_line_inserted_into_one_copy_is_caught():
 
 def guarded_functions(text):
     """Names registered with @hand_written_gradient and names given a .vjp: they must be the same set."""
-    registered = re.findall(r"^@hand_written_gradient\(.*\)\ndef (\w+)\(", text, flags=re.M)
-    with_vjp = re.findall(r"^@(\w+)\.vjp$", text, flags=re.M)
+    registered = re.findall(r"^@hand_written_gradient\(.*\ndef (\w+)\(", text, flags=re.M)
+    with_vjp = re.findall(r"^(\w+)\.vjp\(\w+\)$", text, flags=re.M)
     return registered, with_vjp
 
 
@@ -80,11 +80,26 @@ CASES = [(script, name) for script in SCRIPTS for name in guarded_functions(read
 
 @pytest.mark.parametrize("script,name", CASES)
 def test_a_bent_forward_stops_the_run_at_start(script, name, tmp_path):
-    bent = tmp_path / script
-    bent.write_text(bend(read(script), name))
-    env = dict(os.environ, PYTHONPATH=ROOT)  # the bent copy imports the repository's prepare.py
-    result = subprocess.run([sys.executable, str(bent)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_copy(bend(read(script), name), tmp_path, script)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"Gradient check failed: the hand-written gradient of {name}" in result.stderr
     assert "Traceback" not in result.stderr and "step 0" not in result.stdout
+
+
+def run_copy(text, tmp_path, script):
+    copy = tmp_path / script
+    copy.write_text(text)
+    env = dict(os.environ, PYTHONPATH=ROOT)  # the copy imports the repository's prepare.py
+    return subprocess.run([sys.executable, str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_unregistered_custom_gradient_stops_the_run_at_start(script, tmp_path):
+    """A custom gradient added with plain mx.custom_function (so never checked) is refused too."""
+    text = read(script).replace('\nif __name__ == "__main__":', '\nsneaky = mx.custom_function(lambda x: 2 * x)\n\n'
+                                '\nif __name__ == "__main__":')
+    result = run_copy(text, tmp_path, script)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Gradient check failed: sneaky has a custom gradient that is not checked" in result.stderr
+    assert "Traceback" not in result.stderr
