@@ -660,7 +660,9 @@ class RoutedExperts(nn.Module):
     def __call__(self, rows, expert_ids, ids_sorted=False):
         """rows [R, d_model], expert_ids [R] -> [R, d_model], row r through expert expert_ids[r] only.
         ids_sorted: expert_ids ascending, which lets gather_mm walk each expert's rows in one run."""
-        dtype = mx.float32 if ON_CPU else rows.dtype  # MLX's CPU gather_mm takes float32 only
+        # MLX's CPU gather_mm takes float32 only (bf16 raises "[GatherMM::eval] Currently only supports float32"), so
+        # the GPU branch with bf16 rows cannot run on a CPU; the CPU tests run float32, where both branches agree.
+        dtype = mx.float32 if ON_CPU else rows.dtype
         x = rows.astype(dtype)[:, None, :]  # each row is a 1 x d_model matrix
         h, gate = mx.split(mx.gather_mm(x, self.fc1.astype(dtype), rhs_indices=expert_ids,
                                         sorted_indices=ids_sorted), 2, axis=-1)
