@@ -171,8 +171,12 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
         P_t = alpha_t P_{t-1} + w_t v_t k_t^T,    y_t = P_t q_t   (the current key weighted gamma_t, not w_t, in y_t)
     with alpha_t = exp(log_alpha_t). Inputs in chunks: q, k `... C (c r) n`, v `... C (c r) p`, log_alpha, weight
     (w, None = 1), diag_weight (gamma, None = w) `... C c`, start_state `... p n`; head axes may broadcast (SSD shares
-    q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Float32 throughout.
-    Returns y `... C (c r) p` and the final state `... p n`."""
+    q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
+    and the final state `... p n`.
+    Precision: float32 inputs and outputs. The decays (exp, cumulative products) and the state passing (step 3) are
+    element-wise, true float32 on every backend. The matmuls (scores, scores @ v, chunk states, reading the carried
+    state) run as TF32 on MLX's CUDA backend (and on Apple M5 GPUs) unless MLX_ENABLE_TF32=0 is set when the process
+    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model computes in on a GPU."""
     c = log_alpha.shape[-1]
     rank = q.shape[-2] // c
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
@@ -664,7 +668,9 @@ class RoutedExperts(nn.Module):
     def __call__(self, rows, expert_ids, ids_sorted=False):
         """rows [R, d_model], expert_ids [R] -> [R, d_model], row r through expert expert_ids[r] only.
         ids_sorted: expert_ids ascending, which lets gather_mm walk each expert's rows in one run."""
-        dtype = mx.float32 if ON_CPU else rows.dtype  # MLX's CPU gather_mm takes float32 only
+        # MLX's CPU gather_mm takes float32 only (bf16 raises "[GatherMM::eval] Currently only supports float32"), so
+        # the GPU branch with bf16 rows cannot run on a CPU; the CPU tests run float32, where both branches agree.
+        dtype = mx.float32 if ON_CPU else rows.dtype
         x = rows.astype(dtype)[:, None, :]  # each row is a 1 x d_model matrix
         h, gate = mx.split(mx.gather_mm(x, self.fc1.astype(dtype), rhs_indices=expert_ids,
                                         sorted_indices=ids_sorted), 2, axis=-1)

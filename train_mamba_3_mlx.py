@@ -141,8 +141,12 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
         P_t = alpha_t P_{t-1} + w_t v_t k_t^T,    y_t = P_t q_t   (the current key weighted gamma_t, not w_t, in y_t)
     with alpha_t = exp(log_alpha_t). Inputs in chunks: q, k `... C (c r) n`, v `... C (c r) p`, log_alpha, weight
     (w, None = 1), diag_weight (gamma, None = w) `... C c`, start_state `... p n`; head axes may broadcast (SSD shares
-    q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Float32 throughout.
-    Returns y `... C (c r) p` and the final state `... p n`."""
+    q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
+    and the final state `... p n`.
+    Precision: float32 inputs and outputs. The decays (exp, cumulative products) and the state passing (step 3) are
+    element-wise, true float32 on every backend. The matmuls (scores, scores @ v, chunk states, reading the carried
+    state) run as TF32 on MLX's CUDA backend (and on Apple M5 GPUs) unless MLX_ENABLE_TF32=0 is set when the process
+    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model computes in on a GPU."""
     c = log_alpha.shape[-1]
     rank = q.shape[-2] // c
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.

@@ -1,5 +1,6 @@
-"""Test setup: a private cache and the tiny `smoke` preset, set before anything imports the harness, plus a
-session fixture that prepares a small synthetic corpus offline (tests never read ../shared or the network)."""
+"""Test setup: a private cache, the tiny `smoke` preset and true float32 matmuls, set before anything imports the
+harness or MLX, plus a session fixture that prepares a small synthetic corpus offline (tests never read ../shared or
+the network)."""
 
 import atexit
 import itertools
@@ -17,6 +18,9 @@ atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 os.environ["AUTORESEARCH_CACHE_DIR"] = TEST_CACHE
 os.environ["AUTORESEARCH_MLX_PRESET_FILE"] = os.path.join(ROOT, "presets", "smoke.json")
 os.environ.pop("AUTORESEARCH_MLX_ARCHITECTURE", None)
+# True float32 matmuls: MLX runs float32 matmuls as TF32 on CUDA (and Apple M5) GPUs unless this is 0, read once when
+# the process first multiplies. The tests hold float32 scans to float32 references; child processes inherit it.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402  (before mlx: loads the fast BLAS)

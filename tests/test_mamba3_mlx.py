@@ -2,7 +2,11 @@
 gradients), state passing across segments, the block's chunked forward against its step-by-step decode, bf16 inputs.
 Tiny shapes, float32, tolerances that a wrong term in the recurrence would fail by orders of magnitude."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import prepare  # noqa: F401  (before mlx)
 
@@ -267,6 +271,31 @@ def test_step_conventions_by_hand():
     expected_y = gamma * 2.0 * sum(a * b for a, b in zip(q_rot, expected_k)) + D * 2.0
     assert abs(y.item() - expected_y) < 1e-5
     assert v_last.item() == 2.0
+
+
+def siso_scan_errors():
+    """A model-sized SISO scan (n = p = chunk = 64, four chunks) on the default device against the recurrence run on
+    the CPU (true float32): max errors of the output and the final state, relative to their scale (at least 1)."""
+    inputs = random_inputs(2, 256, 4, 2, 64, 64, 16, seed=0)
+    out, state = scan(inputs, False, chunk_size=64)
+    with mx.stream(mx.cpu):
+        ref, ref_state = run_steps(inputs, False)
+    return [max_err(x, y) / max(1.0, mx.max(mx.abs(y)).item()) for x, y in ((out, ref), (state[1], ref_state[1]))]
+
+
+@pytest.mark.skipif(mx.default_device() != mx.gpu, reason="GPU only: TF32 is a mode of the GPUs' float32 matmuls")
+@pytest.mark.parametrize("tf32,tolerance", [("0", 2e-5), ("1", 5e-3)])
+def test_scan_precision_on_gpu_with_and_without_tf32(tf32, tolerance):
+    """float32's tolerance with MLX_ENABLE_TF32=0, a looser one with TF32 on (MLX's default on CUDA and Apple M5 GPUs).
+    TF32 rounds matmul operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up
+    to 7e-4 relative. MLX reads the variable once per process, hence a process per setting."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MLX_ENABLE_TF32=tf32, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]))
+    code = "import json, test_mamba3_mlx as t; print(json.dumps(t.siso_scan_errors()))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output_error, state_error = json.loads(result.stdout.splitlines()[-1])
+    assert output_error <= tolerance and state_error <= tolerance, (output_error, state_error)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ scans under torch.compile, the fused-kernel start-up check, and a CPU smoke run 
 
 Needs the optional `torch` extra (`uv sync --extra torch`); without PyTorch the whole module is skipped."""
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,25 @@ import train_mamba as tm  # noqa: E402
 
 torch.set_num_threads(1)  # tiny shapes on shared cores: one thread is faster than two threads spinning against others
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def cuda_tf32(allowed):
+    """torch.backends.cuda.matmul.allow_tf32 set for the block, then restored (not an attribute monkeypatch can see)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def true_float32_matmuls():
+    """float32 matmuls in float32, not TF32 (torch's default; train_mamba.main() allows TF32 on CUDA): the tests hold
+    float32 scans to float32 recurrences."""
+    with cuda_tf32(False):
+        yield
 
 
 def make_generator(seed):
@@ -253,6 +273,20 @@ def test_mamba3_gradients_match_recurrence(mimo, rank):
     for name in chunked:
         assert chunked[name] is not None and stepped[name] is not None, name
         assert_close(chunked[name], stepped[name], 1e-4, f"d/d{name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: TF32 is a mode of CUDA's float32 matmuls")
+@pytest.mark.parametrize("allow_tf32,tolerance", [(False, 2e-5), (True, 5e-3)])
+def test_scan_precision_on_cuda_with_and_without_tf32(allow_tf32, tolerance):
+    """A model-sized SISO scan (n = p = chunk = 64, four chunks) in float32 on the GPU against the recurrence in float64
+    on the CPU: float32's tolerance with TF32 off, a looser one with it on (as main() sets it). TF32 rounds matmul
+    operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up to 1e-3 relative."""
+    inputs = mamba3_inputs(2, 256, 4, 2, 64, 64, 16, seed=0)
+    ref, ref_state = mamba3_steps({k: v.double() for k, v in inputs.items()}, False)
+    with cuda_tf32(allow_tf32):
+        out, state = mamba3_scan({k: v.cuda() for k, v in inputs.items()}, False, chunk_size=64)
+    assert_close(out.cpu(), ref, tolerance, "output")
+    assert_close(state[1].cpu(), ref_state[1], tolerance, "final state")
 
 
 def test_cumulative_angles_stay_precise_on_long_sequences():
