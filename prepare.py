@@ -483,7 +483,9 @@ def import_local_corpus(source_dir, num_shards=None):
     """Prepare DATA_DIR from a local folder: every *.parquet except val.parquet becomes a training shard (in sorted
     order), val.parquet becomes the pinned validation shard. The cache then holds exactly these files: shards already
     there with the same content are kept, others (another folder's, a damaged copy) are replaced, and what was built
-    from replaced shards goes too (see _forget_stale_shards). Returns (number of training shards, files copied)."""
+    from replaced shards goes too (see _forget_stale_shards). Only the first `num_shards` training files (default
+    NUM_SHARDS, at most all) are imported. Returns (training shards imported, training files in the folder, files
+    copied)."""
     source_dir = os.path.expanduser(source_dir)
     if not os.path.isdir(source_dir):
         raise HarnessError(f"--data-dir {source_dir}: no such directory.")
@@ -498,9 +500,9 @@ def import_local_corpus(source_dir, num_shards=None):
     )
     if not train_files:
         raise HarnessError(f"--data-dir {source_dir}: no training parquet files besides val.parquet.")
-    _check_num_shards(num_shards, len(train_files), f" (the training files in {source_dir})")
-    if num_shards is not None:
-        train_files = train_files[:num_shards]
+    available = len(train_files)
+    _check_num_shards(num_shards, available, f" (the training files in {source_dir})")
+    train_files = train_files[:num_shards or NUM_SHARDS]  # the preset's NUM_SHARDS by default, as for downloads
     if len(train_files) > VAL_SHARD:
         raise HarnessError(f"--data-dir {source_dir}: at most {VAL_SHARD} training files are supported.")
     sources = [(f, SHARD_NAME.format(i)) for i, f in enumerate(train_files)]
@@ -518,7 +520,7 @@ def import_local_corpus(source_dir, num_shards=None):
             copied += 1
         manifest["files"][name] = _manifest_entry(name, wanted[name])
     _write_manifest(manifest)
-    return len(train_files), copied
+    return len(train_files), available, copied
 
 
 # The data manifest, DATA_DIR/manifest.json: where the shards came from ("source": a folder, or the hub repository)
@@ -1277,8 +1279,11 @@ def prepare(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
     print(harness_line())
     t0 = time.time()
     if data_dir is not None:
-        n_train, copied = import_local_corpus(data_dir, num_shards)
-        print(f"data: {n_train} training shards + validation from {data_dir} -> {DATA_DIR} ({copied} files copied)")
+        n_train, available, copied = import_local_corpus(data_dir, num_shards)
+        chosen_by = f"--num-shards {num_shards}" if num_shards else f"NUM_SHARDS={NUM_SHARDS}; --num-shards N for more"
+        some = "" if n_train == available else f" (the first {n_train} of its {available} training files: {chosen_by})"
+        print(f"data: {n_train} training shards{some} + validation from {data_dir} -> {DATA_DIR} "
+              f"({copied} files copied)")
     else:
         _check_num_shards(num_shards)
         n_train = num_shards or NUM_SHARDS
@@ -1328,7 +1333,8 @@ def make_parser(description):
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--num-shards", type=int, default=None,
-                        help=f"training shards to download (default {NUM_SHARDS} from the preset; all with --data-dir)")
+                        help=f"training shards to download, or to import from --data-dir (default {NUM_SHARDS}, "
+                             f"from the preset; at most the folder's files)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
     parser.add_argument("--data-dir", default=None,
                         help="prepare offline from a folder of parquet files with a 'text' column and val.parquet")

@@ -9,6 +9,7 @@ The architecture comes from --architecture, else AUTORESEARCH_MLX_ARCHITECTURE, 
 """
 
 import os
+import shlex
 
 import prepare
 
@@ -24,10 +25,26 @@ def resolve_architecture(flag=None):
     return choice
 
 
+# The environment variables that shape the cache and the run, besides the architecture.
+RUN_ENVIRONMENT = ("AUTORESEARCH_MLX_PRESET_FILE", "AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_FAST_BLAS")
+
+
 def training_command(architecture):
-    if architecture == "hybrid":
-        return "uv run train_hybrid_moe_mlx.py"
-    return f"AUTORESEARCH_MLX_ARCHITECTURE={architecture} uv run train_mamba_3_mlx.py"
+    """The command that trains `architecture` on this cache and preset. It repeats each variable of RUN_ENVIRONMENT
+    that is set (paths made absolute, values quoted), so pasted into a fresh shell it gives the same fingerprint."""
+    env = {} if architecture == "hybrid" else {"AUTORESEARCH_MLX_ARCHITECTURE": architecture}
+    for name in RUN_ENVIRONMENT:
+        value = os.environ.get(name)
+        if name == "AUTORESEARCH_MLX_PRESET_FILE":
+            value = (value or "").strip() or None  # empty: chosen by device, as if unset
+            if value and os.path.isfile(value):  # a path (else a name in presets/, such as `cpu`)
+                value = os.path.abspath(value)
+        elif name == "AUTORESEARCH_CACHE_DIR" and value is not None:
+            value = os.path.abspath(os.path.expanduser(value))
+        if value is not None:
+            env[name] = value
+    script = "train_hybrid_moe_mlx.py" if architecture == "hybrid" else "train_mamba_3_mlx.py"
+    return " ".join([f"{name}={shlex.quote(value)}" for name, value in env.items()] + ["uv run", script])
 
 
 def main():

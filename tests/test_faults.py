@@ -216,6 +216,25 @@ def test_num_shards_out_of_range_is_a_clear_error(cache, corpus_dir, num_shards,
         prepare.prepare(num_shards=num_shards, data_dir=corpus_dir)
 
 
+def test_data_dir_imports_num_shards_of_the_preset(cache, tmp_path, capsys, monkeypatch):
+    """A folder with more training files than the preset's NUM_SHARDS (smoke: 2) gives the first NUM_SHARDS, as a
+    download would; --num-shards asks for more, up to all; a NUM_SHARDS above the folder's files imports them all."""
+    big = write_corpus(str(tmp_path / "big"), n_train_files=4)  # its first two files are the prepared cache's
+    prepare.prepare(data_dir=big)
+    out = capsys.readouterr().out
+    assert "data: 2 training shards (the first 2 of its 4 training files: NUM_SHARDS=2; --num-shards N for more)" in out
+    assert "already trained" in out and "(cached)" in out  # the same two shards: nothing rebuilt
+
+    def shards():
+        return sorted(f for f in os.listdir(cache / "data") if f.startswith("shard_"))
+
+    assert shards() == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert prepare.import_local_corpus(big, 3) == (3, 4, 1)
+    assert shards() == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_06542.parquet"]
+    monkeypatch.setattr(prepare, "NUM_SHARDS", 10)
+    assert prepare.import_local_corpus(big) == (4, 4, 1)
+
+
 def test_num_shards_zero_without_data_dir_fails_before_any_download(cache):
     with pytest.raises(prepare.HarnessError, match="--num-shards must be between 1 and 6542, got 0"):
         prepare.prepare(num_shards=0, endpoint="http://127.0.0.1:1")

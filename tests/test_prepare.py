@@ -304,15 +304,40 @@ def test_offline_source_errors(tmp_path):
 
 
 def test_entry_point_prints_what_it_did(prepared_cache, corpus_dir):
+    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_FAST_BLAS"}
     done = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "hybrid", "--data-dir",
-                           corpus_dir], cwd=ROOT, capture_output=True, text=True)
+                           corpus_dir], cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
+    preset, cache = env["AUTORESEARCH_MLX_PRESET_FILE"], env["AUTORESEARCH_CACHE_DIR"]
     for expected in ("architecture: hybrid", "preset: smoke", prepare.DATA_DIR, "tokenizer: already trained",
-                     "next: uv run train_hybrid_moe_mlx.py"):
+                     f"next: AUTORESEARCH_MLX_PRESET_FILE={preset} AUTORESEARCH_CACHE_DIR={cache} "
+                     f"uv run train_hybrid_moe_mlx.py > run.log 2>&1"):
         assert expected in done.stdout
     bad = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--data-dir", corpus_dir], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ, AUTORESEARCH_MLX_ARCHITECTURE="gpt"))
     assert bad.returncode == 1 and "Unknown architecture 'gpt'" in bad.stderr
+
+
+def test_next_command_pasted_into_a_fresh_shell_has_the_same_fingerprint(prepared_cache, tmp_path, monkeypatch):
+    """prepare's closing `next:` command repeats the preset and the cache (paths made absolute, quoted): run from
+    another folder in an empty environment, it scores against the same preset and cache as this session."""
+    import prepare_mlx_mamba_3
+
+    cache = tmp_path / "the cache's folder"  # a space and a quote: the command must quote the path
+    os.symlink(prepare.CACHE_DIR, cache)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("AUTORESEARCH_MLX_PRESET_FILE", os.path.join("presets", "smoke.json"))  # relative
+    monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
+    monkeypatch.delenv("AUTORESEARCH_FAST_BLAS", raising=False)
+    command = prepare_mlx_mamba_3.training_command("mamba-2")
+    assert command.endswith(" uv run train_mamba_3_mlx.py")
+    assert prepare_mlx_mamba_3.training_command("hybrid").startswith("AUTORESEARCH_MLX_PRESET_FILE=")
+    probe = f"{sys.executable} -c 'import os, prepare; print(os.environ.get(\"AUTORESEARCH_MLX_ARCHITECTURE\"), " \
+            f"prepare.PRESET_NAME, prepare.CACHE_DIR, prepare.harness_fingerprint())'"
+    done = subprocess.run(["bash", "-c", command.replace("uv run train_mamba_3_mlx.py", probe)], cwd=tmp_path,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rsplit(maxsplit=1) == [f"mamba-2 smoke {cache}", prepare.harness_fingerprint()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
