@@ -93,9 +93,8 @@ ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or AR
 # received. Time and memory are O(l * Q), never O(l^2), and any length works (the tail chunk is zero-padded, which
 # leaves every state unchanged). Decays, cumulative sums and the states passed between chunks are float32 (float64
 # when the inputs are); the big matmuls run in the autocast dtype (bf16 on CUDA).
-# Precision on CUDA: main() allows TF32, so every float32 matmul runs with operands rounded to 10 mantissa bits (~5e-4
-# relative), finer than bf16. That includes step 3's state passing, a (chunks x chunks) matmul here (element-wise, so
-# true float32, in the MLX scripts); the decays (cumsum, exp) are element-wise, true float32. The tests keep TF32 off.
+# Precision on CUDA: main() keeps TF32 off, so step 3's state passing, a (chunks x chunks) float32 matmul here
+# (element-wise in the MLX scripts), and the decays (cumsum, exp) are true float32; the big matmuls run in bf16.
 # =====================================================================================================================
 
 
@@ -157,7 +156,7 @@ def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_stat
     v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
     chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
 
-    # 3. Pass states across chunks in float32, whatever the autocast (TF32 under main() on CUDA): entering[z] =
+    # 3. Pass states across chunks in float32, whatever the autocast (TF32 off, see above): entering[z] =
     #    sum_{z' <= z} decay * own[z']
     with torch.autocast(q.device.type, enabled=False):
         chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
@@ -1132,10 +1131,8 @@ def main():
     dist = prepare.distributed("torch")  # rank and world size under torchrun; rank 0 of 1 in a plain run
     torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
     device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (the scans' state passing;
-        # everything with COMPUTE_DTYPE = "float32")
-        torch.backends.cudnn.allow_tf32 = True
+    # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa;
+    # under the default bf16 autocast nothing else runs float32 matmuls.
     seq_len = prepare.MAX_SEQ_LEN
     check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     tokenizer = prepare.Tokenizer.from_directory()

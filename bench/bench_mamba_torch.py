@@ -201,9 +201,6 @@ def main():
         args.dtype = torch.bfloat16 if on_cuda else torch.float32
     else:
         args.dtype = getattr(torch, args.dtype)
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     name = T.device_name(device)
     peak_flops, peak_source = prepare.peak_flops(name, "float32" if args.dtype == torch.float32 else "bfloat16",
                                                  backend="torch")
