@@ -141,30 +141,41 @@ def run(main):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Presets. One JSON file per device class in presets/, one section per script. Chosen by the environment variable
-# AUTORESEARCH_MLX_PRESET_FILE (a path, or a bare name such as `cpu` for presets/cpu.json); without it, by device:
-# `default` (the canonical full-size configuration) on a GPU, `cpu` on a CPU.
+# AUTORESEARCH_MLX_PRESET_FILE (a path, or a bare name such as `cpu` for presets/cpu.json); without it, by the device
+# the training script will run on: MLX's own device for the MLX scripts, torch's for the torch mirror (it sets
+# AUTORESEARCH_BACKEND=torch). An Apple GPU gets `mac`, or `local` where its recommended working set is small; a CUDA
+# GPU `default` (the canonical H100-sized configuration); a CPU `cpu`, whatever drivers sit beside it.
 
 PRESET_SECTIONS = ("prepare", "train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")
 PREPARE_KEYS = {"MAX_SEQ_LEN": int, "TIME_BUDGET": (int, float), "EVAL_TOKENS": int, "NUM_SHARDS": int}
+MAC_MIN_WORKING_SET_GB = 8  # the mac preset's largest default run (MIMO) peaks at ~11 GB, the others at 3-4 GB
 
 
-def _has_gpu():
-    """A GPU that the training scripts can use: Metal or CUDA through MLX, or an NVIDIA device for the torch mirror.
-    Checked without importing torch (slow), and before MLX only via its own cheap availability calls."""
-    try:
-        import mlx.core as mx
+def device_preset():
+    """(preset name, why) for the device the training script will use. Asks the framework itself (an NVIDIA driver
+    beside a CPU-only MLX is a CPU); imports torch only for the torch mirror."""
+    if os.environ.get("AUTORESEARCH_BACKEND") == "torch":
+        import torch
 
-        if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
-            return True
-    except Exception:
-        pass
-    return os.path.exists("/dev/nvidiactl")
+        return ("default", "torch on CUDA") if torch.cuda.is_available() else ("cpu", "torch on the CPU")
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        info = mx.device_info()
+        working_set = info.get("max_recommended_working_set_size", 2 / 3 * info.get("memory_size", 0)) / 1e9
+        if working_set >= MAC_MIN_WORKING_SET_GB:
+            return "mac", f"Apple GPU, {working_set:.1f} GB working set"
+        return "local", f"Apple GPU, {working_set:.1f} GB working set < {MAC_MIN_WORKING_SET_GB} GB"
+    if mx.cuda.is_available():
+        return "default", "MLX on CUDA"
+    return "cpu", "MLX on the CPU"
 
 
 def _resolve_preset_path():
     requested = os.environ.get("AUTORESEARCH_MLX_PRESET_FILE", "").strip()
     if not requested:
-        return os.path.join(PRESETS_DIR, "default.json" if _has_gpu() else "cpu.json"), "by device"
+        name, why = device_preset()
+        return os.path.join(PRESETS_DIR, name + ".json"), f"by device: {why}"
     if os.path.isfile(requested):
         return requested, "AUTORESEARCH_MLX_PRESET_FILE"
     named = os.path.join(PRESETS_DIR, requested + ".json")

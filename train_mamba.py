@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
+os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")  # the harness picks the preset by torch's device
 import prepare  # first: the harness (constants, presets, data, evaluation)
 from prepare import apply_preset
 

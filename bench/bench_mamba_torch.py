@@ -22,6 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")  # the harness picks the preset by torch's device
 import prepare  # noqa: E402  (first, as in every script)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

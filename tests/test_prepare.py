@@ -79,9 +79,36 @@ def test_preset_chosen_by_name_and_bad_path_exits_with_message(tmp_path):
     assert "Preset file not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_preset_by_device_asks_the_framework_not_the_driver(monkeypatch, tmp_path):
+    """MLX scripts follow MLX's device, the torch mirror torch's: an NVIDIA driver beside a CPU-only MLX is a CPU."""
+    import mlx.core as mx
+
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    assert prepare.device_preset() == ("cpu", "MLX on the CPU")  # this machine: the mlx-cpu wheel
+    monkeypatch.setattr(os.path, "exists", lambda path: True)  # /dev/nvidiactl and everything else "present"
+    assert prepare.device_preset()[0] == "cpu"
+    monkeypatch.undo()
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert prepare.device_preset() == ("default", "MLX on CUDA")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    for working_set, preset in [(10.7e9, "mac"), (5.3e9, "local")]:
+        monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": working_set})
+        assert prepare.device_preset()[0] == preset
+    # The torch mirror declares itself before importing the harness; torch decides there.
+    unset = {k: v for k, v in os.environ.items() if k not in ("AUTORESEARCH_MLX_PRESET_FILE", "AUTORESEARCH_BACKEND")}
+    shown = subprocess.run([sys.executable, "-c", "import train_mamba, prepare; print(prepare.PRESET_NAME, "
+                            "prepare.PRESET_ORIGIN)"], cwd=ROOT, env=unset, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split("\n")[-2] == "cpu by device: torch on the CPU"
+    shown = subprocess.run([sys.executable, "-c", "import prepare; print(prepare.PRESET_NAME, prepare.PRESET_ORIGIN)"],
+                           cwd=ROOT, env=unset, capture_output=True, text=True)
+    assert shown.stdout.split("\n")[-2] == "cpu by device: MLX on the CPU"
+
+
 def test_shipped_presets_are_valid():
     names = sorted(f for f in os.listdir(os.path.join(ROOT, "presets")) if f.endswith(".json"))
-    assert {"default.json", "cpu.json", "smoke.json"} <= set(names)
+    assert {"default.json", "mac.json", "local.json", "cpu.json", "smoke.json"} <= set(names)
     for name in names:
         sections = prepare.load_preset(os.path.join(ROOT, "presets", name))
         p = {"MAX_SEQ_LEN": 2048, "EVAL_TOKENS": 40 * 524288, **sections["prepare"]}
