@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 
@@ -1145,12 +1146,22 @@ def _torch_token_losses(model, inputs, targets):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Run-time helpers shared by the training scripts: progress line, fast fail, MFU peak, summary, fingerprint.
+# Run-time helpers for the training scripts: stopping rule, progress line, fast fail, MFU peak, summary, fingerprint.
+
+
+def step_midpoint(training_time, step_times, window=5):
+    """Where the next training step's middle will fall on the training clock: training_time plus half the median of
+    the last `window` timed step times (nothing before the first). The training loops run a step only while this is
+    before TIME_BUDGET, so a run ends at the step end nearest to the budget (training_seconds within half a step of
+    TIME_BUDGET, either way), and give each step the learning rate of its middle. Every rank of a data-parallel run
+    has the same step times (Distributed.agree), so all stop after the same step."""
+    return training_time + (float(np.median(step_times[-window:])) / 2 if step_times else 0.0)
 
 
 class ProgressLine:
-    """One progress line rewritten in place on a terminal; when stdout is a file (run.log), a line at most every
-    `interval` seconds, so logs stay small."""
+    """One progress line rewritten in place on a terminal (cut to its width: a wrapped line cannot be rewritten);
+    when stdout is a file (run.log), a line at most every `interval` seconds (evaluation: 5, so logs stay small;
+    training: 0, one line per step, the loss curve)."""
 
     def __init__(self, interval=5.0):
         self.tty = sys.stdout.isatty()
@@ -1161,6 +1172,7 @@ class ProgressLine:
     def update(self, text, force=False):
         now = time.monotonic()
         if self.tty:
+            text = text[: shutil.get_terminal_size().columns - 1]
             print("\r" + text.ljust(self.width), end="", flush=True)
             self.width = len(text)
         elif force or now - self.last_print >= self.interval:

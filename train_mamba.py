@@ -1156,19 +1156,19 @@ def main():
     training_step = make_training_step(model, optimizer, grad_accum_steps, device, data_parallel=dist.world_size > 1)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)
-    progress_line = prepare.ProgressLine()
+    progress_line = prepare.ProgressLine(interval=0)  # in run.log: one line per step (the loss curve)
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
-    # The clock, as in the MLX script: training_time counts every optimizer step except the first (it compiles); the
-    # run stops once the budget is spent, whatever the step count. The schedule follows training_time / TIME_BUDGET.
-    training_time, step, smooth_loss, t_startup = 0.0, 0, 0.0, None
-    while True:
+    # The clock, as in the MLX script: training_time counts every optimizer step except the first (it compiles). A
+    # step runs only while its predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends
+    # at the step end nearest to the budget. The schedule follows progress = that middle / TIME_BUDGET.
+    training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
+    while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
         synchronize(device)
         t0 = time.time()
-        progress = min(training_time / prepare.TIME_BUDGET, 1.0)
-        lr_mult = lr_multiplier(progress)
+        lr_mult = lr_multiplier(midpoint / prepare.TIME_BUDGET)
         loss, epoch = training_step(train_loader, lr_mult)
         train_loss = loss.item()  # the one host sync of the step
         train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
@@ -1177,6 +1177,7 @@ def main():
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
         else:
             training_time += step_time
+            step_times.append(step_time)
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
@@ -1186,10 +1187,8 @@ def main():
         progress_line.update(
             f"step {step:05d} ({100 * min(training_time / prepare.TIME_BUDGET, 1.0):5.1f}%) | loss {debiased:.4f} | "
             f"lrm {lr_mult:.2f} | {1000 * step_time:.0f} ms | {tokens_per_s:,.0f} tok/s | epoch {epoch} | "
-            f"{remaining:.0f}s left"
+            f"training_seconds {training_time:.3f} | tokens {step * TOTAL_BATCH_SIZE} | {remaining:.0f}s left"
         )
-        if step > 1 and training_time >= prepare.TIME_BUDGET:
-            break
     progress_line.close()
     gc.enable()
 

@@ -775,17 +775,18 @@ def main():
     training_step = make_training_step(model, optimizer, grad_accum_steps)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)
-    progress_line = prepare.ProgressLine()
+    progress_line = prepare.ProgressLine(interval=0)  # in run.log: one line per step (the loss curve)
     gc.collect()
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
-    # The clock: training_time counts every optimizer step except the first (it compiles); the run stops once the
-    # budget is spent, whatever the step count. The schedule follows progress = training_time / TIME_BUDGET.
-    training_time, step, smooth_loss, t_startup = 0.0, 0, 0.0, None
-    while True:
+    # The clock: training_time counts every optimizer step except the first (it compiles). A step runs only while its
+    # predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends at the step end nearest to
+    # the budget, whatever the step count. The schedule follows progress = that middle / TIME_BUDGET.
+    training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
+    while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
         t0 = time.time()
-        lr_mult = lr_multiplier(min(training_time / prepare.TIME_BUDGET, 1.0))
+        lr_mult = lr_multiplier(midpoint / prepare.TIME_BUDGET)
         loss, epoch = training_step(train_loader, lr_mult)
         train_loss = loss.item()  # the one host sync of the step
         train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
@@ -794,17 +795,16 @@ def main():
             t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
         else:
             training_time += step_time
+            step_times.append(step_time)
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         progress_line.update(
             f"step {step:05d} ({100 * min(training_time / prepare.TIME_BUDGET, 1.0):5.1f}%) | "
             f"loss {smooth_loss / (1 - 0.9**step):.4f} | lrm {lr_mult:.2f} | {1000 * step_time:.0f} ms | "
-            f"{TOTAL_BATCH_SIZE / step_time:,.0f} tok/s | epoch {epoch} | "
-            f"{max(prepare.TIME_BUDGET - training_time, 0.0):.0f}s left"
+            f"{TOTAL_BATCH_SIZE / step_time:,.0f} tok/s | epoch {epoch} | training_seconds {training_time:.3f} | "
+            f"tokens {step * TOTAL_BATCH_SIZE} | {max(prepare.TIME_BUDGET - training_time, 0.0):.0f}s left"
         )
-        if step > 1 and training_time >= prepare.TIME_BUDGET:
-            break
     progress_line.close()
     gc.enable()
 

@@ -1,12 +1,14 @@
 """Test setup: a private cache, the tiny `smoke` preset and true float32 matmuls, set before anything imports the
 harness or MLX, plus a session fixture that prepares a small synthetic corpus offline (tests never read ../shared or
-the network)."""
+the network), and the check of a run's per-step log lines that every training script's smoke run passes."""
 
 import atexit
 import itertools
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -75,3 +77,46 @@ def prepared_cache(corpus_dir):
     """The test cache, prepared offline from the synthetic corpus: shards, tokenizer, validation rows."""
     prepare.prepare(data_dir=corpus_dir)
     return TEST_CACHE
+
+
+@pytest.fixture(scope="session")
+def smoke_run(prepared_cache):
+    """smoke_run(architecture): train_mamba_3_mlx.py's CompletedProcess under the smoke preset, its stdout a pipe (so
+    logged like run.log, one line per step). Run once per architecture per session: the script's smoke test and the
+    notebook's curves test read the same runs. The timeout allows for the first run on a fresh machine, which also
+    JIT-compiles MLX's fused CPU kernels."""
+    runs = {}
+
+    def run(architecture):
+        if architecture not in runs:
+            env = dict(os.environ, AUTORESEARCH_MLX_ARCHITECTURE=architecture)
+            runs[architecture] = subprocess.run([sys.executable, "train_mamba_3_mlx.py"], cwd=ROOT, env=env,
+                                                capture_output=True, text=True, timeout=900)
+        return runs[architecture]
+
+    return run
+
+
+# A training step's line in a run logged to a file (program.md, output format), e.g. `step 00012 ( 20.6%) | loss 5.1234
+# | lrm 1.00 | 123 ms | 4,162 tok/s | epoch 1 | training_seconds 12.345 | tokens 6144 | 48s left` (the hybrid adds a
+# balance field after the loss).
+STEP_LINE = re.compile(r"^step (\d+) .*\| (\d+) ms \|.*\| training_seconds ([\d.]+) \| tokens (\d+) \|", re.M)
+
+
+def check_step_log(stdout, summary):
+    """A finished run's stdout (a pipe, as run.log) against its summary: one step line per step, numbered from 1, with
+    the tokens so far; and the run stopped at the step end nearest to TIME_BUDGET by the scripts' rule: the last step
+    started while its predicted middle (prepare.step_midpoint) was before the budget, the next one would not have.
+    With steady step times that puts training_seconds within half a step of TIME_BUDGET. Returns the step lines."""
+    lines = [(int(s), int(ms) / 1000, float(t), int(tokens)) for s, ms, t, tokens in STEP_LINE.findall(stdout)]
+    num_steps = int(summary["num_steps"])
+    assert num_steps >= 2  # the first step compiles; at least one is timed
+    assert [step for step, *_ in lines] == list(range(1, num_steps + 1)), "not one line per step"
+    assert [tokens for *_, tokens in lines] == [step * lines[0][3] for step, *_ in lines]
+    assert abs(lines[-1][2] - float(summary["training_seconds"])) <= 0.006  # 3 decimals vs 2
+    step_times = [ms for _, ms, _, _ in lines[1:]]  # the first step compiles and is not timed
+    slack = 0.002  # the log rounds step times to a millisecond and training_seconds to three decimals
+    before_last, last = lines[-2][2], lines[-1][2]
+    assert prepare.step_midpoint(before_last, step_times[:-1]) < prepare.TIME_BUDGET + slack, "ran a step too many"
+    assert prepare.step_midpoint(last, step_times) >= prepare.TIME_BUDGET - slack, "stopped a step too early"
+    return lines

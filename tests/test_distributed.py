@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_step_log
 
 BIN = os.path.dirname(sys.executable)  # the venv's launchers: mlx.launch, torchrun
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -97,7 +97,8 @@ def test_launched_smoke_run_prints_one_summary(prepared_cache, backend, script):
     summary = dict(re.findall(r"^(\w+): (.*)$", done.stdout.split("\n---\n")[-1], flags=re.M))
     assert summary["world_size"] == "2"
     assert summary["budget_check"] == "ok"
-    assert 0 < float(summary["val_bpb"]) < 20 and int(summary["num_steps"]) >= 2
+    assert 0 < float(summary["val_bpb"]) < 20
+    check_step_log(done.stdout, summary)  # rank 0's lines: one per step, the stop nearest to the budget
     assert "x 2 processes" in done.stdout
 
 
