@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import sys
 import time
@@ -1198,7 +1199,7 @@ def check_loss(loss, step):
 
 
 # Dense peak throughput per device and dtype, FLOP/s, from vendor datasheets (tensor cores, no sparsity). Devices not
-# listed (Apple GPUs, CPUs, other GPUs) are measured instead: the best large-matmul throughput seen, cached per device.
+# listed (Apple GPUs, CPUs, other GPUs) are measured instead: the best large-matmul throughput, recorded by --calibrate.
 PEAK_FLOPS = {
     ("NVIDIA H100", "bfloat16"): 989.4e12,  # H100 SXM; the PCIe card is 756 TFLOP/s (matched first below)
     ("NVIDIA H100 PCIe", "bfloat16"): 756.0e12,
@@ -1231,32 +1232,128 @@ def _measure_matmul_flops(backend, dtype, n=1024, seconds=1.0):
     return 2 * n**3 / best
 
 
+CALIBRATE_COMMAND = f"{PREPARE_COMMAND} --calibrate"
+CALIBRATION_PATH = os.path.join(CACHE_DIR, "calibration.json")  # this machine's figures, written by --calibrate only
+
+
+def calibration_key(kind, backend, device_name, dtype=""):
+    return f"{kind}|{backend}|{device_name}|{dtype}|{os.path.basename(FAST_BLAS or 'bundled')}"
+
+
+def read_calibration():
+    """{key: figure} recorded by --calibrate on this machine ({} when there is none or it is unreadable)."""
+    try:
+        with open(CALIBRATION_PATH) as f:
+            figures = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(figures, dict):
+        return {}
+    return {k: float(v) for k, v in figures.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+
+
+def record_calibration(figures):
+    """Add figures measured by --calibrate (on a quiet machine) to calibration.json. Training runs never write it: a
+    figure measured while another process or rank competes for the machine would skew every later run."""
+    _write_atomic(CALIBRATION_PATH, lambda f: json.dump({**read_calibration(), **figures}, f, indent=1), "w")
+
+
 def peak_flops(device_name, dtype, backend="mlx"):
-    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else a matmul rate measured once per device,
-    dtype and BLAS and kept in peak_flops.json, so `mfu_percent` is comparable between runs on one machine (delete
-    the file to measure again, on a quiet machine). Saving it is best effort: a read-only or full cache costs only
-    the record, never the run's summary. The source string says which figure was used."""
+    """(peak FLOP/s, source) for MFU: the datasheet figure for known GPUs, else the matmul rate --calibrate recorded
+    for this device, dtype and BLAS, so that `mfu_percent` is comparable between runs; without one, a rate measured
+    now (under whatever else is running) and said so. The source string says which figure was used."""
     for (name, kind), flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0][0])):
         if kind == dtype and device_name.startswith(name):
             return flops, "datasheet"
-    key = f"{backend}|{device_name}|{dtype}|{os.path.basename(FAST_BLAS or 'bundled')}"
-    cache = os.path.join(CACHE_DIR, "peak_flops.json")
-    try:
-        with open(cache) as f:
-            measured = json.load(f)
-    except (OSError, ValueError):
-        measured = {}
-    measured = measured if isinstance(measured, dict) else {}
-    rate = measured.get(key)
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0:
-        return float(rate), f"measured matmul, from {cache}"
-    rate = _measure_matmul_flops(backend, dtype)
-    measured[key] = rate
-    try:
-        _write_atomic(cache, lambda f: json.dump(measured, f, indent=1), "w")
-    except OSError as e:
-        return rate, f"measured matmul this run; not saved to {cache}: {e.strerror}"
-    return rate, f"measured matmul, saved to {cache}"
+    rate = read_calibration().get(calibration_key("matmul", backend, device_name, dtype))
+    if rate:
+        return rate, f"calibrated, {CALIBRATION_PATH}"
+    return _measure_matmul_flops(backend, dtype), f"measured this run, not calibrated: run `{CALIBRATE_COMMAND}`"
+
+
+# Machine speed: a fixed probe (a 1024 x 1024 matmul and 2^22 exps: the BLAS and element-wise work a step does)
+# timed before training and after evaluation, against the time --calibrate recorded on a quiet machine. A laptop that
+# throttles or a neighbour on a shared machine shows here, so a run that was slow is rerun rather than decided on.
+PROBE_TIMES = {}  # "start", "end": this run's median probe seconds
+SLOW_MACHINE = 0.9  # a run whose machine_speed falls below this prints a warning
+
+
+def _backend():
+    return "torch" if os.environ.get("AUTORESEARCH_BACKEND") == "torch" else "mlx"
+
+
+def probe_device_name(backend):
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    import mlx.core as mx
+
+    return mx.device_info().get("device_name", str(mx.default_device()))
+
+
+def probe_seconds(backend, seconds=0.5):
+    """Median seconds of the probe over about `seconds` (at least 5 repeats; the median of 5 spread 4% on a quiet
+    2-core VM, a smaller probe 7-15%)."""
+    if backend == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        a, b = torch.randn(1024, 1024, device=device), torch.randn(1 << 22, device=device)
+        run = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
+    else:
+        import mlx.core as mx
+
+        a, b = mx.random.normal((1024, 1024)), mx.random.normal((1 << 22,))
+        run = lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
+    run()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def probe_machine_speed(dist=SINGLE_PROCESS, when="start"):
+    """Time the probe now (outside the time budget). The training scripts call it before their loop; print_summary
+    calls it again at the end. Skipped in a data-parallel run, whose ranks would time each other."""
+    if dist.world_size == 1:
+        PROBE_TIMES[when] = probe_seconds(_backend())
+
+
+def machine_speed():
+    """(summary value, warning line or None) from the probe times: 1.00 = as fast as calibrated."""
+    if "start" not in PROBE_TIMES or "end" not in PROBE_TIMES:
+        return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
+    backend = _backend()
+    calibrated = read_calibration().get(calibration_key("probe", backend, probe_device_name(backend)))
+    if not calibrated:
+        drift = PROBE_TIMES["start"] / PROBE_TIMES["end"]
+        warning = f"warning: the machine slowed down by {1 - drift:.0%} during the run" if drift < SLOW_MACHINE else None
+        return f"n/a (not calibrated: run `{CALIBRATE_COMMAND}`; end/start {drift:.2f})", warning
+    start, end = (calibrated / PROBE_TIMES[when] for when in ("start", "end"))
+    value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f})"
+    if min(start, end) >= SLOW_MACHINE:
+        return value, None
+    return value, (f"warning: the machine ran {1 - min(start, end):.0%} slower than calibrated (machine_speed start "
+                   f"{start:.2f}, end {end:.2f}): this val_bpb is not comparable; rerun before deciding")
+
+
+def warn_if_evaluation_is_long(step_times, tokens_per_step, forward_speedup=2.5):
+    """After the second timed step, estimate evaluation from the measured step time (a forward pass runs at least
+    `forward_speedup` times the training step's tokens/s: measured 2.5x on the CPU, ~3x by FLOPs) and print a warning
+    when it would take more than a quarter of TIME_BUDGET, naming a smaller preset."""
+    if len(step_times) != 2:
+        return
+    seconds = EVAL_TOKENS / (forward_speedup * tokens_per_step / float(np.median(step_times)))
+    if seconds > TIME_BUDGET / 4:
+        choice = device_preset()[0]
+        smaller = choice if choice != PRESET_NAME else {"default": "mac", "mac": "local"}.get(PRESET_NAME, "cpu")
+        print(f"\nwarning: evaluation will take about {seconds:.0f}s ({EVAL_TOKENS:,} tokens), more than a quarter of "
+              f"TIME_BUDGET={TIME_BUDGET}s on this machine: a smaller preset fits it better "
+              f"(AUTORESEARCH_MLX_PRESET_FILE={smaller}; `{CALIBRATE_COMMAND}` measures each)", flush=True)
 
 
 HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
@@ -1298,11 +1395,16 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
 
 
 def print_summary(fields, trained_tokens=None, dist=SINGLE_PROCESS):
-    """The run summary the agent greps: `---` then one `key: value` per line, in order, then world_size, the budget
-    check (see budget_check) and the harness line. In a data-parallel run every rank calls it; rank 0 prints."""
+    """The run summary the agent greps: `---` then one `key: value` per line, in order, then world_size, machine_speed
+    (see machine_speed; its warning line, if any, comes just before `---`), the budget check (see budget_check) and
+    the harness line. In a data-parallel run every rank calls it; rank 0 prints."""
     check = budget_check(trained_tokens, dist)
+    probe_machine_speed(dist, "end")
+    speed, warning = machine_speed()
+    if warning:
+        print(warning)
     print("---")
-    for key, value in {**fields, "world_size": dist.world_size}.items():
+    for key, value in {**fields, "world_size": dist.world_size, "machine_speed": speed}.items():
         if isinstance(value, float):
             value = f"{value:.6f}" if key == "val_bpb" else f"{value:.2f}"
         print(f"{key}: {value}")

@@ -4,12 +4,18 @@ train the chosen architecture. Everything it does lives in prepare.py (the one s
 
     uv run prepare_mlx_mamba_3.py [--architecture {mamba-2,mamba-3,hybrid}] [--num-shards N]
                                   [--download-workers W] [--data-dir DIR]
+    uv run prepare_mlx_mamba_3.py --calibrate      # measure this machine at the active preset (after preparing)
 
 The architecture comes from --architecture, else AUTORESEARCH_MLX_ARCHITECTURE, else the preset, else mamba-3.
 """
 
+import json
 import os
 import shlex
+import subprocess
+import sys
+import tempfile
+import time
 
 import prepare
 
@@ -47,11 +53,118 @@ def training_command(architecture):
     return " ".join([f"{name}={shlex.quote(value)}" for name, value in env.items()] + ["uv run", script])
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# --calibrate: this machine at the active preset. First the figures later runs compare with, on a quiet machine (the
+# matmul peak for MFU, the machine-speed probe); then a short real run of each architecture's training script (a
+# copy of the preset with a short budget and a small evaluation): what a 5-minute experiment will cost here.
+
+CALIBRATION_RUNS = {  # name -> (script, environment, preset overrides of the script's section)
+    "mamba-2": ("train_mamba_3_mlx", {"AUTORESEARCH_MLX_ARCHITECTURE": "mamba-2"}, {}),
+    "mamba-3 SISO": ("train_mamba_3_mlx", {"AUTORESEARCH_MLX_ARCHITECTURE": "mamba-3"}, {}),
+    "mamba-3 MIMO": ("train_mamba_3_mlx", {"AUTORESEARCH_MLX_ARCHITECTURE": "mamba-3"}, {"IS_MIMO": True}),
+    "hybrid": ("train_hybrid_moe_mlx", {}, {}),
+}
+CALIBRATION_BUDGET = 15  # seconds of training per architecture: a few timed steps at the cpu preset
+CALIBRATION_EVAL_ROWS = 32  # evaluation rows scored per architecture; the full evaluation is extrapolated
+
+
+def device_memory_gb():
+    """What the device may use: Metal's recommended working set, a CUDA GPU's memory, else the machine's RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info()
+    if mx.metal.is_available():
+        return info.get("max_recommended_working_set_size", 0) / 1e9, "Metal working set"
+    if mx.cuda.is_available():
+        return info.get("memory_size", 0) / 1e9, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "RAM"
+
+
+def record_machine_figures():
+    """Measure the matmul peak (the dtype the scripts compute in here) and the probe, and record both."""
+    import mlx.core as mx
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"calibrate: load average {load:.1f}: other processes are running; the figures below assume a quiet "
+              f"machine, so rerun --calibrate when it is")
+    name = mx.device_info().get("device_name", str(mx.default_device()))
+    dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"  # COMPUTE_DTYPE "auto"
+    peak = prepare._measure_matmul_flops("mlx", dtype)
+    probe = prepare.probe_seconds("mlx")
+    prepare.record_calibration({prepare.calibration_key("matmul", "mlx", name, dtype): peak,
+                                prepare.calibration_key("probe", "mlx", prepare.probe_device_name("mlx")): probe})
+    print(f"calibrate: {name}: matmul {peak / 1e9:,.0f} GFLOP/s ({dtype}), probe {1000 * probe:.1f} ms "
+          f"-> {prepare.CALIBRATION_PATH}")
+
+
+def calibration_run(name, preset_dir):
+    """Train `name` for CALIBRATION_BUDGET seconds on a copy of the active preset; returns its summary as a dict."""
+    script, env, overrides = CALIBRATION_RUNS[name]
+    eval_tokens = min(prepare.EVAL_TOKENS, CALIBRATION_EVAL_ROWS * prepare.MAX_SEQ_LEN)
+    sections = {key: dict(value) for key, value in prepare.PRESET.items()}
+    sections["prepare"].update(TIME_BUDGET=CALIBRATION_BUDGET, EVAL_TOKENS=eval_tokens)
+    sections[script].update(overrides)
+    path = os.path.join(preset_dir, f"calibrate-{name.replace(' ', '-')}.json")
+    with open(path, "w") as f:
+        json.dump(sections, f)
+    run_env = dict(os.environ, **env, AUTORESEARCH_MLX_PRESET_FILE=path)
+    result = subprocess.run([sys.executable, f"{script}.py"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env=run_env, capture_output=True, text=True)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or "---" not in lines:
+        why = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        return {"error": why}
+    summary = dict(line.split(": ", 1) for line in lines if ": " in line and not line.startswith("step "))
+    summary["eval_tokens"] = eval_tokens
+    return summary
+
+
+def calibrate():
+    """Print this machine's table at the active preset: tokens/s, MFU, optimizer steps in TIME_BUDGET, evaluation
+    seconds at EVAL_TOKENS, peak memory against the device's; then which preset fits."""
+    prepare.check_cache()  # the runs need the prepared data: fail here, in one line, if it is not there
+    record_machine_figures()
+    memory, memory_kind = device_memory_gb()
+    print(f"calibrate: preset {prepare.PRESET_NAME}, TIME_BUDGET={prepare.TIME_BUDGET}s, "
+          f"EVAL_TOKENS={prepare.EVAL_TOKENS:,}; {memory:.1f} GB {memory_kind}; a {CALIBRATION_BUDGET}s run of each")
+    header = f"{'architecture':<14} {'tok/s':>9} {'MFU %':>6} {'steps':>6} {'eval s':>7} {'peak GB':>8}  fits"
+    rows, worst_eval, worst_peak = [header], 0.0, 0.0
+    with tempfile.TemporaryDirectory() as preset_dir:
+        for name in CALIBRATION_RUNS:
+            t0 = time.time()
+            summary = calibration_run(name, preset_dir)
+            if "error" in summary:
+                rows.append(f"{name:<14} failed: {summary['error']}")
+                continue
+            tokens_per_s = float(summary["throughput"].split()[0].replace(",", ""))
+            tokens_per_step = float(summary["total_tokens_M"]) * 1e6 / int(summary["num_steps"])
+            eval_s = float(summary["eval_seconds"]) * prepare.EVAL_TOKENS / summary["eval_tokens"]
+            peak_gb = float(summary["peak_memory_mb"]) / 1e3
+            fits = peak_gb <= memory and eval_s <= prepare.TIME_BUDGET / 4
+            worst_eval, worst_peak = max(worst_eval, eval_s), max(worst_peak, peak_gb)
+            rows.append(f"{name:<14} {tokens_per_s:>9,.0f} {float(summary['mfu_percent']):>6.1f} "
+                        f"{prepare.TIME_BUDGET * tokens_per_s / tokens_per_step:>6.0f} {eval_s:>7.0f} "
+                        f"{peak_gb:>8.2f}  {'yes' if fits else 'NO'}   ({time.time() - t0:.0f}s)")
+    print("\n".join(rows))
+    if worst_peak <= memory and worst_eval <= prepare.TIME_BUDGET / 4:
+        print(f"fits: preset {prepare.PRESET_NAME} fits this machine (peak {worst_peak:.1f} of {memory:.1f} GB, "
+              f"evaluation at most {worst_eval:.0f}s of a {prepare.TIME_BUDGET}s budget)")
+    else:
+        print(f"fits: preset {prepare.PRESET_NAME} is too big here (peak {worst_peak:.1f} of {memory:.1f} GB, "
+              f"evaluation up to {worst_eval:.0f}s of a {prepare.TIME_BUDGET}s budget): try a smaller one, e.g. "
+              f"AUTORESEARCH_MLX_PRESET_FILE={'cpu' if prepare.device_preset()[0] == 'cpu' else 'local'}")
+
+
 def main():
     parser = prepare.make_parser("Prepare data and tokenizer for autoresearch-mamba (MLX), for one architecture.")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=None,
                         help="mamba-2, mamba-3 or hybrid (default: AUTORESEARCH_MLX_ARCHITECTURE, the preset, mamba-3)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this machine at the active preset (every architecture; prepare first)")
     args = parser.parse_args()
+    if args.calibrate:
+        return calibrate()
     architecture = resolve_architecture(args.architecture)
     print(f"architecture: {architecture}")
     prepare.prepare(args.num_shards, args.download_workers, args.data_dir)

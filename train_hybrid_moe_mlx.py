@@ -1058,6 +1058,8 @@ def main():
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
+    prepare.probe_machine_speed(dist)  # the machine's speed before training, outside the budget (summary)
+
     # The clock: training_time counts every optimizer step except the first (it compiles). A step runs only while its
     # predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends at the step end nearest to
     # the budget, whatever the step count. The schedule follows progress = that middle / TIME_BUDGET.
@@ -1077,6 +1079,7 @@ def main():
         else:
             training_time += step_time
             step_times.append(step_time)
+            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)  # after the 2nd timed step, if long
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
