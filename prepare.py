@@ -1,19 +1,55 @@
 """
-The fixed harness of autoresearch-mamba: constants, presets, data, tokenizer, dataloader, evaluation.
+The fixed harness of autoresearch-mamba. The training scripts import it; the agent never edits it (program.md). An
+agent reads this contract and the constants below it, down to the line END OF THE CONTRACT, and nothing further.
+Import it before mlx: on Linux it first loads an optimized BLAS.
 
-Everything every training script stands on lives here, once: the training scripts import it and the agent
-never edits it (program.md). Run it (or the architecture-aware entry point prepare_mlx_mamba_3.py) once:
+Setup, once per machine: `uv run prepare_mlx_mamba_3.py` (download climbmix shards, train the tokenizer; offline:
+`--data-dir DIR` with parquet files and val.parquet), then `uv run prepare_mlx_mamba_3.py --calibrate` on a quiet
+machine (records the figures that `mfu_percent` and `machine_speed` compare with, and prints what a run costs here).
 
-    uv run prepare_mlx_mamba_3.py                       # download climbmix shards, train the tokenizer
-    uv run prepare_mlx_mamba_3.py --data-dir DIR        # offline: a folder of parquet files + val.parquet
+What a training script calls (all three do, in this order), and what it gets:
+    apply_preset(globals(), section)   overrides the script's UPPERCASE constants with the active preset's section
+                                       (presets/*.json, AUTORESEARCH_MLX_PRESET_FILE, else by device); prints them
+    run(main)                          runs main(): a user's mistake or a full disk ends in one line, Ctrl-C in
+                                       `Interrupted.`, never a traceback or a half-written cache file
+    distributed("mlx" | "torch")       Distributed: rank, world_size; agree(loss, step_time) gives every rank the same
+                                       numbers; a plain run is rank 0 of 1
+    check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors before
+                                       anything is built
+    Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS prepended to every document)
+    make_dataloader(tokenizer, B, T, "train", rank, world_size)
+                                       endless (inputs, targets, epoch), int32 numpy [B, T]: packed documents, each row
+                                       starting at a BOS; every batch handed over is counted (budget_check)
+    probe_machine_speed(dist)          times a fixed probe before the loop (outside the budget)
+    step_midpoint(training_time, step_times)
+                                       the loop runs a step while this (now + half the recent step time) is before
+                                       TIME_BUDGET; the learning-rate schedule reads progress at it
+    warn_if_evaluation_is_long(step_times, tokens_per_step)
+                                       after the 2nd timed step: a `warning:` line when evaluation would take more than
+                                       a quarter of TIME_BUDGET
+    check_loss(loss, step)             NaN, inf or loss > 100 ends the run at once (`FAIL: training diverged`)
+    ProgressLine(interval)             one line per step in a log file (`step 00012 ... | training_seconds ... |
+                                       tokens ...`), one line rewritten in place on a terminal
+    evaluate_bpb(model, B, dist)       val_bpb: the harness scores the model's logits on EVAL_TOKENS fixed validation
+                                       tokens (its own loss, float64 sums); the script cannot change how it is scored
+    peak_flops(device, dtype)          (FLOP/s, source) for MFU: datasheet, else the calibrated matmul rate
+    print_summary(fields, trained_tokens, dist)
+                                       `---` and one `key: value` per line (val_bpb, training_seconds, peak_memory_mb,
+                                       num_steps, ...), then world_size, machine_speed, budget_check and harness
+
+The rules it enforces, each visible in the summary:
+    - The budget: training_seconds counts every step but the first (compilation) and ends within half a step of
+      TIME_BUDGET. Start-up and evaluation are outside it.
+    - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on (num_steps *
+      TOTAL_BATCH_SIZE): no training data is read outside the timed steps. A run whose check is not `ok` never wins.
+    - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation rows and
+      the number of processes. Only runs with the same fingerprint are comparable.
+    - machine_speed: the probe before and after, against the calibrated figure (1.00 = as calibrated); below 0.90 a
+      `warning:` line says this val_bpb is not comparable: rerun instead of deciding.
 
 Cache layout (compatible with Karpathy's autoresearch), under ~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR:
-    data/shard_NNNNN.parquet        training shards; shard_06542 is the pinned validation shard
-    tokenizer/tokenizer.pkl         a pickled tiktoken Encoding
-    tokenizer/token_bytes.npy       UTF-8 byte length of every token id (0 for special tokens)
-    eval/val_*.npy                  the packed validation rows evaluate_bpb reads (built once per tokenizer/shape)
-
-Import this module before mlx: on Linux it first loads an optimized BLAS (see _load_fast_blas).
+data/shard_NNNNN.parquet (training shards; shard_06542 the pinned validation shard), tokenizer/ (tokenizer.pkl,
+token_bytes.npy), eval/val_*.npy (the packed validation rows), calibration.json (--calibrate's figures).
 """
 
 import ctypes
@@ -28,6 +64,40 @@ import platform
 import shutil
 import sys
 import time
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixed constants. A preset's `prepare` section may override the first three and NUM_SHARDS (smaller machines, tests).
+
+MAX_SEQ_LEN = 2048  # context length of training rows and evaluation rows
+TIME_BUDGET = 300  # seconds of training per experiment (start-up, compilation and evaluation not counted)
+EVAL_TOKENS = 40 * 524288  # target tokens scored by evaluate_bpb
+NUM_SHARDS = 10  # training shards prepare downloads by default
+VOCAB_SIZE = 8192  # BPE vocabulary, special tokens included
+SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
+BOS_TOKEN = SPECIAL_TOKENS[0]  # prepended to every document
+
+# GPT-4 style pre-tokenization, except that digits group in runs of at most 2 (small vocabulary).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+TOKENIZER_TRAIN_CHARS = 1_000_000_000  # about 1B characters of training documents, or all there are
+TOKENIZER_DOC_CHARS = 10_000  # documents are capped at this many characters for tokenizer training
+
+DATASET_REPO = "karpathy/climbmix-400b-shuffle"  # Hugging Face dataset with shard_00000 ... shard_06542
+MAX_SHARD = 6542
+VAL_SHARD = MAX_SHARD  # pinned validation shard, never trained on
+SHARD_NAME = "shard_{:05d}.parquet"
+
+CACHE_DIR = os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR", "~/.cache/autoresearch"))
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+EVAL_DIR = os.path.join(CACHE_DIR, "eval")
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PREPARE_COMMAND = "uv run prepare_mlx_mamba_3.py"
+
+# =====================================================================================================================
+# END OF THE CONTRACT. The machinery below implements it; an agent need not read further.
+# =====================================================================================================================
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fast BLAS. The Linux mlx-cpu wheel links a reference BLAS (about 3-5 GFLOP/s for fp32 matmul on 2 cores). Loading
@@ -71,37 +141,6 @@ HEAP_TUNED = _keep_large_buffers_in_heap()
 
 import numpy as np  # noqa: E402  (after the BLAS: numpy must not pull MLX in first)
 import pyarrow.parquet as pq  # noqa: E402
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Fixed constants. A preset's `prepare` section may override the first three and NUM_SHARDS (smaller machines, tests).
-
-MAX_SEQ_LEN = 2048  # context length of training rows and evaluation rows
-TIME_BUDGET = 300  # seconds of training per experiment (start-up, compilation and evaluation not counted)
-EVAL_TOKENS = 40 * 524288  # target tokens scored by evaluate_bpb
-NUM_SHARDS = 10  # training shards prepare downloads by default
-VOCAB_SIZE = 8192  # BPE vocabulary, special tokens included
-SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
-BOS_TOKEN = SPECIAL_TOKENS[0]  # prepended to every document
-
-# GPT-4 style pre-tokenization, except that digits group in runs of at most 2 (small vocabulary).
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
-TOKENIZER_TRAIN_CHARS = 1_000_000_000  # about 1B characters of training documents, or all there are
-TOKENIZER_DOC_CHARS = 10_000  # documents are capped at this many characters for tokenizer training
-
-DATASET_REPO = "karpathy/climbmix-400b-shuffle"  # Hugging Face dataset with shard_00000 ... shard_06542
-MAX_SHARD = 6542
-VAL_SHARD = MAX_SHARD  # pinned validation shard, never trained on
-SHARD_NAME = "shard_{:05d}.parquet"
-
-CACHE_DIR = os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR", "~/.cache/autoresearch"))
-DATA_DIR = os.path.join(CACHE_DIR, "data")
-TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-EVAL_DIR = os.path.join(CACHE_DIR, "eval")
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
-PREPARE_COMMAND = "uv run prepare_mlx_mamba_3.py"
-
 
 class HarnessError(SystemExit):
     """A problem the user must fix (missing data, bad preset, corrupt shard): the message says what and how.
@@ -1109,7 +1148,7 @@ def _mlx_token_losses(model):
     """(model, inputs, targets) -> per-token nats as numpy, one compiled graph from token ids to losses. On MLX's CPU
     backend exp costs ~20-40 ns per element and logsumexp takes V = 8192 of them per token (more than the model's
     forward at the cpu preset), so there it is exp(x) = 2^k 2^f with k = round(x / ln 2) set in the float32 exponent
-    bits and 2^f, |f| <= 1/2, from its degree-6 Taylor polynomial: relative error < 2e-7, far below the float32 sum's."""
+    bits and 2^f, |f| <= 1/2, from its degree-6 Taylor polynomial: relative error < 2e-7, below the float32 sum's."""
     import mlx.core as mx
 
     def exp_nonpositive(x):  # x <= 0 (logits minus their max); exactly 0 below ~-88
@@ -1331,7 +1370,8 @@ def machine_speed():
     calibrated = read_calibration().get(calibration_key("probe", backend, probe_device_name(backend)))
     if not calibrated:
         drift = PROBE_TIMES["start"] / PROBE_TIMES["end"]
-        warning = f"warning: the machine slowed down by {1 - drift:.0%} during the run" if drift < SLOW_MACHINE else None
+        slowed = f"warning: the machine slowed down by {1 - drift:.0%} during the run"
+        warning = slowed if drift < SLOW_MACHINE else None
         return f"n/a (not calibrated: run `{CALIBRATE_COMMAND}`; end/start {drift:.2f})", warning
     start, end = (calibrated / PROBE_TIMES[when] for when in ("start", "end"))
     value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f})"

@@ -64,7 +64,7 @@ CALIBRATION_RUNS = {  # name -> (script, environment, preset overrides of the sc
     "mamba-3 MIMO": ("train_mamba_3_mlx", {"AUTORESEARCH_MLX_ARCHITECTURE": "mamba-3"}, {"IS_MIMO": True}),
     "hybrid": ("train_hybrid_moe_mlx", {}, {}),
 }
-CALIBRATION_BUDGET = 15  # seconds of training per architecture: a few timed steps at the cpu preset
+CALIBRATION_BUDGET = min(15, prepare.TIME_BUDGET)  # seconds of training per architecture: a few timed steps
 CALIBRATION_EVAL_ROWS = 32  # evaluation rows scored per architecture; the full evaluation is extrapolated
 
 

@@ -88,8 +88,8 @@ WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
 CHECKPOINT_BLOCKS = True  # training keeps only each block's input and recomputes the block in the backward pass:
-# the default model's peak at 8 x 2048 tokens, float32, ~12.5 -> ~7 GB (measured), for one more forward of every
-# block (+25-45% step time on the CPU, measured); the cpu and local presets turn it off.
+# peak memory of the default model at 8 x 2048 tokens (float32) ~12.5 -> ~7 GB, for one more forward of every block
+# (measured, README). The cpu and local presets turn it off.
 SEED = 42
 
 apply_preset(globals(), "train_hybrid_moe_mlx")
@@ -176,7 +176,7 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     Precision: float32 inputs and outputs. The decays (exp, cumulative products) and the state passing (step 3) are
     element-wise, true float32 on every backend. The matmuls (scores, scores @ v, chunk states, reading the carried
     state) run as TF32 on MLX's CUDA backend (and on Apple M5 GPUs) unless MLX_ENABLE_TF32=0 is set when the process
-    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model computes in on a GPU."""
+    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model runs in on a GPU."""
     c = log_alpha.shape[-1]
     rank = q.shape[-2] // c
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
@@ -778,8 +778,9 @@ class HybridLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 x, cache[i], moe_stats = layer(x, cache[i])
-            elif self.config.checkpoint_blocks:
-                x, _, moe_stats = nn.utils.checkpoint(layer)(x)  # the backward pass recomputes what it made from x
+            elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x; x and the
+                x, moe_stats = nn.utils.checkpoint(layer, lambda h: layer(h)[::2])(x)  # MoE statistics are kept, not
+                # the state (its last-token slice would pin its whole sequence's buffer)
             else:
                 x, _, moe_stats = layer(x)
             if moe_stats is not None:

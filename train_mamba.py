@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
-os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")  # the harness picks the preset by torch's device
+if __name__ == "__main__":  # a run (not an import by tests or benchmarks): the harness asks torch for the device
+    os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")
 import prepare  # first: the harness (constants, presets, data, evaluation)
 from prepare import apply_preset
 

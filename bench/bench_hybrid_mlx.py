@@ -40,9 +40,11 @@ CONFIGS = {
 }
 
 
-def make_config(fields, mamba_type, module=H):
+def make_config(fields, mamba_type, module=H, checkpoint_blocks=None):
     base = dict(mamba_type=mamba_type, vocab_size=prepare.VOCAB_SIZE, expand=2, ngroups=1, chunk_size=64,
                 shared_expert_hidden=0, dense_mlp_hidden=1024, is_mimo=False)
+    if checkpoint_blocks is not None and "checkpoint_blocks" in module.HybridConfig.__dataclass_fields__:
+        base["checkpoint_blocks"] = bool(checkpoint_blocks)  # scripts before it: always off
     base.update(fields)
     return module.HybridConfig(**base)
 
@@ -69,7 +71,7 @@ def bench_step(args):
     for name, (fields, batch, seq_len) in CONFIGS.items():
         for suffix, module in versions.items():
             mx.random.seed(0)
-            model = module.HybridLM(make_config(fields, args.mamba_type, module))
+            model = module.HybridLM(make_config(fields, args.mamba_type, module, args.checkpoint_blocks))
             mx.eval(model.parameters())
             step = module.make_training_step(model, module.AdamW(model), grad_accum_steps=1)
             batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
@@ -142,6 +144,8 @@ def main():
     parser.add_argument("--only", default="step,moe", help="comma-separated: step,moe")
     parser.add_argument("--mamba-type", default="mamba-3", choices=["mamba-3", "mamba-2"])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
+    parser.add_argument("--checkpoint-blocks", type=int, default=int(H.CHECKPOINT_BLOCKS),
+                        help="1: recompute each block in the backward pass (CHECKPOINT_BLOCKS; default: the script's)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of the MoE sizes (best kept)")
     parser.add_argument("--against", default=None, help="another copy of train_hybrid_moe_mlx.py to compare steps with")
     parser.add_argument("--moe-experts", default="4,8,16", help="expert counts to compare, the first is the base")

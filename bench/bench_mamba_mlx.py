@@ -43,6 +43,8 @@ VARIANTS = {  # name -> ModelConfig overrides
 def make_config(args, module=T, **overrides):
     fields = dict(vocab_size=prepare.VOCAB_SIZE, depth=args.depth, d_model=args.d_model, d_state=args.d_state,
                   headdim=args.headdim, expand=2, ngroups=1, chunk_size=args.chunk_size, mlp_expand=0)
+    if "checkpoint_blocks" in module.ModelConfig.__dataclass_fields__:  # scripts before it: always off
+        fields["checkpoint_blocks"] = bool(args.checkpoint_blocks)
     fields.update(overrides)
     return module.ModelConfig(**fields)
 
@@ -235,6 +237,8 @@ def main():
     parser.add_argument("--d-state", type=int, default=32)
     parser.add_argument("--headdim", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=T.CHUNK_SIZE, help="0 = each block's default")
+    parser.add_argument("--checkpoint-blocks", type=int, default=int(T.CHECKPOINT_BLOCKS),
+                        help="1: recompute each block in the backward pass (CHECKPOINT_BLOCKS; default: the script's)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--scaling-tokens", type=int, default=4096, help="tokens per step in the scaling runs")

@@ -315,23 +315,24 @@ def test_no_network_is_recognised_inside_wrapped_errors():
 # A cache-side record never costs a run its summary; Ctrl-C and full disks are one line
 
 
-def test_peak_flops_on_a_read_only_or_full_cache_skips_the_record(tmp_path, monkeypatch):
+def test_peak_flops_of_a_run_is_never_recorded_and_calibration_on_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "_measure_matmul_flops", lambda backend, dtype: 3e9)
-    blocked = tmp_path / "a-file"
-    blocked.write_text("")
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(blocked / "cache"))  # cannot be created: like a read-only disk
-    rate, source = prepare.peak_flops("Some CPU", "float32")
-    assert rate == 3e9 and "not saved" in source
-
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
+    rate, source = prepare.peak_flops("Some CPU", "float32")  # a training run: measured for itself only
+    assert rate == 3e9 and "not calibrated" in source and "--calibrate" in source
+    assert os.listdir(tmp_path) == []
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(prepare.json, "dump", full_disk)
-    rate, source = prepare.peak_flops("Some CPU", "float32")
-    assert rate == 3e9 and "No space left on device" in source
-    assert os.listdir(tmp_path) == ["a-file"]  # no partial peak_flops.json or .tmp
+    with pytest.raises(OSError):  # --calibrate runs under prepare.run: a one-line disk error
+        prepare.record_calibration({prepare.calibration_key("matmul", "mlx", "Some CPU", "float32"): 5e9})
+    assert os.listdir(tmp_path) == []  # no partial calibration.json or .tmp
+    monkeypatch.undo()
+    monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
+    prepare.record_calibration({prepare.calibration_key("matmul", "mlx", "Some CPU", "float32"): 5e9})
+    assert prepare.peak_flops("Some CPU", "float32") == (5e9, f"calibrated, {tmp_path / 'calibration.json'}")
 
 
 def test_summary_is_printed_from_a_read_only_cache(cache, monkeypatch, capsys):
