@@ -3,39 +3,32 @@ The fixed harness of autoresearch-mamba. The training scripts import it; the age
 agent reads this contract and the constants below it, down to the line END OF THE CONTRACT, and nothing further.
 Import it before mlx: on Linux it first loads an optimized BLAS.
 
-Setup, once per machine: `uv run prepare_mlx_mamba_3.py` (download climbmix shards, train the tokenizer; offline:
-`--data-dir DIR` with parquet files and val.parquet), then `uv run prepare_mlx_mamba_3.py --calibrate` on a quiet
-machine (records the figures that `mfu_percent` and `machine_speed` compare with, and prints what a run costs here).
+Setup, once per machine: `uv run prepare_mlx_mamba_3.py` (data and tokenizer; offline: `--data-dir DIR`), then
+`uv run prepare_mlx_mamba_3.py --calibrate` on a quiet machine (the figures `mfu_percent` and `machine_speed` use).
 
-What a training script calls (all three do, in this order), and what it gets:
+What a training script calls (all three do), and what it gets:
     apply_preset(globals(), section)   overrides the script's UPPERCASE constants with the active preset's section
-                                       (presets/*.json, AUTORESEARCH_MLX_PRESET_FILE, else by device); prints them
-    run(main)                          runs main(): a user's mistake or a full disk ends in one line, Ctrl-C in
-                                       `Interrupted.`, never a traceback or a half-written cache file
-    distributed("mlx" | "torch")       Distributed: rank, world_size; agree(loss, step_time) gives every rank the same
-                                       numbers; a plain run is rank 0 of 1
-    check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors before
-                                       anything is built
-    Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS prepended to every document)
+                                       (AUTORESEARCH_MLX_PRESET_FILE, else chosen by device) and prints them
+    run(main)                          runs main(): a user's mistake ends in one line, Ctrl-C in `Interrupted.`
+    distributed("mlx" | "torch")       rank, world_size, agree(loss, step_time); a plain run is rank 0 of 1
+    check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors first
+    Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS before every document)
     make_dataloader(tokenizer, B, T, "train", rank, world_size)
-                                       endless (inputs, targets, epoch), int32 numpy [B, T]: packed documents, each row
-                                       starting at a BOS; every batch handed over is counted (budget_check)
+                                       endless (inputs, targets, epoch), int32 numpy [B, T], packed documents
     probe_machine_speed(dist)          times a fixed probe before the loop (outside the budget)
     step_midpoint(training_time, step_times)
-                                       the loop runs a step while this (now + half the recent step time) is before
-                                       TIME_BUDGET; the learning-rate schedule reads progress at it
+                                       a step runs while this (now + half the recent step time) is before
+                                       TIME_BUDGET; the learning-rate schedule reads progress there
     warn_if_evaluation_is_long(step_times, tokens_per_step)
-                                       after the 2nd timed step: a `warning:` line when evaluation would take more than
-                                       a quarter of TIME_BUDGET
-    check_loss(loss, step)             NaN, inf or loss > 100 ends the run at once (`FAIL: training diverged`)
-    ProgressLine(interval)             one line per step in a log file (`step 00012 ... | training_seconds ... |
-                                       tokens ...`), one line rewritten in place on a terminal
-    evaluate_bpb(model, B, dist)       val_bpb: the harness scores the model's logits on EVAL_TOKENS fixed validation
-                                       tokens (its own loss, float64 sums); the script cannot change how it is scored
+                                       a `warning:` line when evaluation would take over a quarter of TIME_BUDGET
+    check_loss(loss, step)             NaN, inf or a loss above 100 ends the run (`FAIL: training diverged`)
+    ProgressLine(interval)             one `step ...` line per step in a log file, one line in place on a terminal
+    evaluate_bpb(model, B, dist)       val_bpb of the model's logits on EVAL_TOKENS fixed validation tokens, scored by
+                                       the harness (its own loss, float64 sums)
     peak_flops(device, dtype)          (FLOP/s, source) for MFU: datasheet, else the calibrated matmul rate
     print_summary(fields, trained_tokens, dist)
-                                       `---` and one `key: value` per line (val_bpb, training_seconds, peak_memory_mb,
-                                       num_steps, ...), then world_size, machine_speed, budget_check and harness
+                                       `---`, one `key: value` per line, then world_size, machine_speed, budget_check,
+                                       harness
 
 The rules it enforces, each visible in the summary:
     - The budget: training_seconds counts every step but the first (compilation) and ends within half a step of
@@ -46,10 +39,7 @@ The rules it enforces, each visible in the summary:
       the number of processes. Only runs with the same fingerprint are comparable.
     - machine_speed: the probe before and after, against the calibrated figure (1.00 = as calibrated); below 0.90 a
       `warning:` line says this val_bpb is not comparable: rerun instead of deciding.
-
-Cache layout (compatible with Karpathy's autoresearch), under ~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR:
-data/shard_NNNNN.parquet (training shards; shard_06542 the pinned validation shard), tokenizer/ (tokenizer.pkl,
-token_bytes.npy), eval/val_*.npy (the packed validation rows), calibration.json (--calibrate's figures).
+The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json.
 """
 
 import ctypes

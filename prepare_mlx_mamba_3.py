@@ -138,7 +138,7 @@ def calibrate():
                 rows.append(f"{name:<14} failed: {summary['error']}")
                 continue
             tokens_per_s = float(summary["throughput"].split()[0].replace(",", ""))
-            tokens_per_step = float(summary["total_tokens_M"]) * 1e6 / int(summary["num_steps"])
+            tokens_per_step = int(summary["batch"].split()[0])  # "batch: N tokens/step = ..."
             eval_s = float(summary["eval_seconds"]) * prepare.EVAL_TOKENS / summary["eval_tokens"]
             peak_gb = float(summary["peak_memory_mb"]) / 1e3
             fits = peak_gb <= memory and eval_s <= prepare.TIME_BUDGET / 4

@@ -87,9 +87,8 @@ WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rat
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
-CHECKPOINT_BLOCKS = True  # training keeps only each block's input and recomputes the block in the backward pass:
-# peak memory of the default model at 8 x 2048 tokens (float32) ~12.5 -> ~7 GB, for one more forward of every block
-# (measured, README). The cpu and local presets turn it off.
+CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass instead of keeping its activations: default
+# model at 8 x 2048, 12.5 GB -> less than half (README), for one more forward; off in the cpu and local presets
 SEED = 42
 
 apply_preset(globals(), "train_hybrid_moe_mlx")
@@ -173,10 +172,8 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     (w, None = 1), diag_weight (gamma, None = w) `... C c`, start_state `... p n`; head axes may broadcast (SSD shares
     q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
     and the final state `... p n`.
-    Precision: float32 inputs and outputs. The decays (exp, cumulative products) and the state passing (step 3) are
-    element-wise, true float32 on every backend. The matmuls (scores, scores @ v, chunk states, reading the carried
-    state) run as TF32 on MLX's CUDA backend (and on Apple M5 GPUs) unless MLX_ENABLE_TF32=0 is set when the process
-    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model runs in on a GPU."""
+    Float32; the decays and the state passing are element-wise, so true float32 on every backend; the matmuls run as
+    TF32 on CUDA (and M5) GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 of the model around them."""
     c = log_alpha.shape[-1]
     rank = q.shape[-2] // c
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
@@ -746,6 +743,10 @@ class HybridBlock(nn.Module):
             return x + y, None, (balance_loss, counts)
         return x + self.layer(h), None, None
 
+    def without_state(self, x):  # for checkpointing: the state is not kept (its last-token slices would pin buffers)
+        x, _, moe_stats = self(x)
+        return x, moe_stats
+
 
 class HybridLM(nn.Module):
     def __init__(self, config, compute_dtype=mx.float32):
@@ -778,9 +779,8 @@ class HybridLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 x, cache[i], moe_stats = layer(x, cache[i])
-            elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x; x and the
-                x, moe_stats = nn.utils.checkpoint(layer, lambda h: layer(h)[::2])(x)  # MoE statistics are kept, not
-                # the state (its last-token slice would pin its whole sequence's buffer)
+            elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x
+                x, moe_stats = nn.utils.checkpoint(layer, layer.without_state)(x)
             else:
                 x, _, moe_stats = layer(x)
             if moe_stats is not None:
@@ -1059,7 +1059,7 @@ def main():
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
-    prepare.probe_machine_speed(dist)  # the machine's speed before training, outside the budget (summary)
+    prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
 
     # The clock: training_time counts every optimizer step except the first (it compiles). A step runs only while its
     # predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends at the step end nearest to
@@ -1080,7 +1080,7 @@ def main():
         else:
             training_time += step_time
             step_times.append(step_time)
-            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)  # after the 2nd timed step, if long
+            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
@@ -1131,13 +1131,10 @@ def main():
 # =====================================================================================================================
 # SECTION: Speed machinery (CPU fast paths, hand-written gradients)  [identical in both MLX scripts]
 # =====================================================================================================================
-# Each function here computes exactly what its docstring says; the code is shaped for speed. On MLX's CPU backend a
-# transcendental (exp, sigmoid, sin) costs ~20-40 ns per element, like ~20-40 adds, so exp and cos/sin are rebuilt
-# from arithmetic that mx.compile fuses (on a GPU the native ops run). A gradient is written by hand where autodiff
-# was measured 2x-20x slower. Every hand-written gradient is registered with @hand_written_gradient and checked
-# against autodiff of its own forward when a run starts: edit a forward and not its .vjp, and the run stops there.
-# (`f.vjp(g)` is called, not used as a decorator: the decorator form would bind g's name to a second, unchecked
-# custom function.)
+# Each function computes what its docstring says, shaped for speed. On MLX's CPU backend a transcendental costs
+# ~20-40 ns per element, so exp and cos/sin are rebuilt from arithmetic that mx.compile fuses (a GPU runs the native
+# ops). Gradients are written by hand where autodiff was 2x-20x slower, each checked against autodiff of its forward
+# at start. (`f.vjp(g)` is called: the decorator form would make g a second, unchecked custom function.)
 
 ON_CPU = mx.default_device() == mx.cpu
 HAND_WRITTEN_GRADIENTS = []  # (name, forward, function with the custom gradient, example inputs)

@@ -1162,7 +1162,7 @@ def main():
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
-    prepare.probe_machine_speed(dist)  # the machine's speed before training, outside the budget (summary)
+    prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
 
     # The clock, as in the MLX script: training_time counts every optimizer step except the first (it compiles). A
     # step runs only while its predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends
@@ -1181,7 +1181,7 @@ def main():
         else:
             training_time += step_time
             step_times.append(step_time)
-            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)  # after the 2nd timed step, if long
+            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss

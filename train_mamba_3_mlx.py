@@ -1,10 +1,8 @@
 """
 Train a Mamba-2 or Mamba-3 (SISO / MIMO) language model with MLX for a fixed time budget, then report val_bpb.
 
-This is the file the agent edits. Run: `uv run train_mamba_3_mlx.py`
-(architecture from AUTORESEARCH_MLX_ARCHITECTURE or the preset; see README.md and program.md).
-Reads top to bottom: hyperparameters, the Mamba blocks as the math reads, the language model, optimizer, training
-loop and summary, and last the speed machinery (CPU fast paths and hand-written gradients, checked at start).
+The file the agent edits (program.md). Run: `uv run train_mamba_3_mlx.py`. Top to bottom: hyperparameters, the Mamba
+blocks as the math reads, the language model, optimizer, loop and summary, last the speed machinery.
 """
 
 import gc
@@ -62,10 +60,8 @@ WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rat
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
-CHECKPOINT_BLOCKS = True  # training keeps only each block's input and recomputes the block in the backward pass:
-# peak memory of the default model at 8 x 2048 tokens (float32) Mamba-2 and SISO ~23 -> ~6 GB, MIMO ~72 -> ~22 GB, for
-# one more forward of every block: +18-25% step time on the CPU at the local preset's size (measured, README). The cpu
-# and local presets turn it off.
+CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass instead of keeping its activations: default
+# model at 8 x 2048, SISO 23 -> 6.5 GB, for +18-25% step time on the CPU (README); off in the cpu and local presets
 SEED = 42
 
 apply_preset(globals(), "train_mamba_3_mlx")
@@ -144,10 +140,8 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     (w, None = 1), diag_weight (gamma, None = w) `... C c`, start_state `... p n`; head axes may broadcast (SSD shares
     q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
     and the final state `... p n`.
-    Precision: float32 inputs and outputs. The decays (exp, cumulative products) and the state passing (step 3) are
-    element-wise, true float32 on every backend. The matmuls (scores, scores @ v, chunk states, reading the carried
-    state) run as TF32 on MLX's CUDA backend (and on Apple M5 GPUs) unless MLX_ENABLE_TF32=0 is set when the process
-    starts: operands rounded to 10 mantissa bits (~5e-4 relative), finer than the bf16 the model runs in on a GPU."""
+    Float32; the decays and the state passing are element-wise, so true float32 on every backend; the matmuls run as
+    TF32 on CUDA (and M5) GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 of the model around them."""
     c = log_alpha.shape[-1]
     rank = q.shape[-2] // c
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
@@ -556,6 +550,9 @@ class Block(nn.Module):
             x = x + self.mlp(self.mlp_norm(x).astype(self.compute_dtype))
         return x, state
 
+    def output_only(self, x):  # for checkpointing: the state is not kept (its last-token slices would pin whole buffers)
+        return self(x)[0]
+
 
 class MambaLM(nn.Module):
     def __init__(self, config, compute_dtype=mx.float32):
@@ -580,9 +577,8 @@ class MambaLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 x, cache[i] = layer(x, cache[i])
-            elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x; only x is
-                x = nn.utils.checkpoint(layer, lambda h: layer(h)[0])(x)  # kept (a state's last-token slice would pin
-                # its whole sequence's buffer)
+            elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x
+                x = nn.utils.checkpoint(layer, layer.output_only)(x)
             else:
                 x = layer(x)[0]
         x = self.norm_f(x).astype(self.compute_dtype)
@@ -782,11 +778,10 @@ def main():
     gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
     gc.disable()
 
-    prepare.probe_machine_speed(dist)  # the machine's speed before training, outside the budget (summary)
+    prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
 
-    # The clock: training_time counts every optimizer step except the first (it compiles). A step runs only while its
-    # predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends at the step end nearest to
-    # the budget, whatever the step count. The schedule follows progress = that middle / TIME_BUDGET.
+    # The clock: training_time counts every step but the first (it compiles). A step runs while its predicted middle
+    # falls before TIME_BUDGET (the run ends at the step end nearest to it); the schedule reads progress there.
     training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
     while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
         t0 = time.time()
@@ -800,7 +795,7 @@ def main():
         else:
             training_time += step_time
             step_times.append(step_time)
-            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)  # after the 2nd timed step, if long
+            prepare.warn_if_evaluation_is_long(step_times, TOTAL_BATCH_SIZE)
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
@@ -841,13 +836,10 @@ def main():
 # =====================================================================================================================
 # SECTION: Speed machinery (CPU fast paths, hand-written gradients)  [identical in both MLX scripts]
 # =====================================================================================================================
-# Each function here computes exactly what its docstring says; the code is shaped for speed. On MLX's CPU backend a
-# transcendental (exp, sigmoid, sin) costs ~20-40 ns per element, like ~20-40 adds, so exp and cos/sin are rebuilt
-# from arithmetic that mx.compile fuses (on a GPU the native ops run). A gradient is written by hand where autodiff
-# was measured 2x-20x slower. Every hand-written gradient is registered with @hand_written_gradient and checked
-# against autodiff of its own forward when a run starts: edit a forward and not its .vjp, and the run stops there.
-# (`f.vjp(g)` is called, not used as a decorator: the decorator form would bind g's name to a second, unchecked
-# custom function.)
+# Each function computes what its docstring says, shaped for speed. On MLX's CPU backend a transcendental costs
+# ~20-40 ns per element, so exp and cos/sin are rebuilt from arithmetic that mx.compile fuses (a GPU runs the native
+# ops). Gradients are written by hand where autodiff was 2x-20x slower, each checked against autodiff of its forward
+# at start. (`f.vjp(g)` is called: the decorator form would make g a second, unchecked custom function.)
 
 ON_CPU = mx.default_device() == mx.cpu
 HAND_WRITTEN_GRADIENTS = []  # (name, forward, function with the custom gradient, example inputs)

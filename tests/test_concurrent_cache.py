@@ -45,7 +45,7 @@ def test_concurrent_writers_of_one_file_never_interleave(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path):
-    path = str(tmp_path / "peak_flops.json")
+    path = str(tmp_path / "calibration.json")
 
     def fail(f):
         f.write("{half")

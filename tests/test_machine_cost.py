@@ -24,7 +24,7 @@ def test_machine_speed_against_the_calibrated_probe(monkeypatch, tmp_path):
     assert value == "0.90 (start 1.00, end 0.80)"
     assert warning.startswith("warning: the machine ran 20% slower than calibrated")
     monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.095, "end": 0.105})
-    assert prepare.machine_speed() == ("1.01 (start 1.05, end 0.95)", None)
+    assert prepare.machine_speed() == ("1.00 (start 1.05, end 0.95)", None)
     monkeypatch.setattr(prepare, "PROBE_TIMES", {"end": 0.1})  # a data-parallel run, or no start probe
     assert prepare.machine_speed()[0].startswith("n/a")
 

@@ -395,15 +395,18 @@ def test_editing_the_harness_changes_the_fingerprint(prepared_cache, tmp_path):
     assert fingerprint() not in (original, edited)
 
 
-def test_measured_peak_is_measured_once_and_reused(monkeypatch, tmp_path):
-    """MFU's denominator on a CPU: measured on the first run, then read back, so mfu_percent is comparable between
-    runs; the source string says which figure was used."""
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
-    readings = iter([1e9, 5e9])
+def test_peak_is_the_calibrated_one_and_runs_never_record_it(monkeypatch, tmp_path):
+    """MFU's denominator on a CPU or an Apple GPU: the matmul rate --calibrate recorded, so mfu_percent is comparable
+    between runs; without it each run measures its own and records nothing (several ranks or agents measuring at once
+    would record a contended figure). The source string says which figure was used."""
+    monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
+    readings = iter([1e9, 2e9])
     monkeypatch.setattr(prepare, "_measure_matmul_flops", lambda backend, dtype: next(readings))
-    cache = tmp_path / "peak_flops.json"
-    assert prepare.peak_flops("Some CPU", "float32") == (1e9, f"measured matmul, saved to {cache}")
-    assert prepare.peak_flops("Some CPU", "float32") == (1e9, f"measured matmul, from {cache}")
-    assert list(json.loads(cache.read_text()).values()) == [1e9]
-    assert prepare.peak_flops("Some CPU", "bfloat16")[0] == 5e9  # another key is measured on its own
+    assert prepare.peak_flops("Some CPU", "float32")[0] == 1e9
+    assert prepare.peak_flops("Some CPU", "float32")[0] == 2e9  # measured again: nothing was recorded
+    assert not (tmp_path / "calibration.json").exists()
+    prepare.record_calibration({prepare.calibration_key("matmul", "mlx", "Some CPU", "float32"): 5e9})
+    assert prepare.peak_flops("Some CPU", "float32") == (5e9, f"calibrated, {tmp_path / 'calibration.json'}")
+    monkeypatch.setattr(prepare, "_measure_matmul_flops", lambda backend, dtype: 3e9)
+    assert prepare.peak_flops("Some CPU", "float32", backend="torch")[1].startswith("measured this run")
     assert prepare.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")[1] == "datasheet"
