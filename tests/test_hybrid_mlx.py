@@ -319,7 +319,7 @@ def test_bfloat16_compute():
 SUMMARY_KEYS = [
     "architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
     "total_tokens_M", "num_steps", "num_params_M", "depth", "hybrid_pattern", "mamba_type", "num_active_params_M",
-    "expert_load", "world_size", "budget_check", "harness",
+    "expert_load", "world_size", "machine_speed", "budget_check", "harness",
 ]
 
 

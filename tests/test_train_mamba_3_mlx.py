@@ -18,7 +18,7 @@ from conftest import check_step_log
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = [
     "architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
-    "total_tokens_M", "num_steps", "num_params_M", "depth", "world_size", "budget_check", "harness",
+    "total_tokens_M", "num_steps", "num_params_M", "depth", "world_size", "machine_speed", "budget_check", "harness",
 ]
 # The first run on a fresh machine also JIT-compiles MLX's fused CPU kernels (cached in the temp dir afterwards).
 RUN_TIMEOUT = 900

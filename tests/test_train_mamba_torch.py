@@ -508,7 +508,7 @@ def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architectur
     summary = done.stdout.split("\n---\n")[-1]
     fields = dict(line.split(": ", 1) for line in summary.strip().splitlines())
     keys = ["architecture", "preset", "val_bpb", "training_seconds", "total_seconds", "peak_memory_mb", "mfu_percent",
-            "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "world_size",
+            "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "world_size", "machine_speed",
             "budget_check", "harness"]
     assert list(fields) == keys
     assert fields["architecture"] == architecture
