@@ -88,7 +88,7 @@ WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
 CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass instead of keeping its activations: default
-# model at 8 x 2048, 12.5 GB -> less than half (README), for one more forward; off in the cpu and local presets
+# model at 8 x 2048, 12.5 -> 6.8 GB (README), for one more forward of the blocks; off in the cpu and local presets
 SEED = 42
 
 apply_preset(globals(), "train_hybrid_moe_mlx")
