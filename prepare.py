@@ -1329,12 +1329,14 @@ def probe_seconds(backend, seconds=0.5):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        a, b = torch.randn(1024, 1024, device=device), torch.randn(1 << 22, device=device)
+        gen = torch.Generator(device).manual_seed(0)  # its own generator: the run's random stream is untouched
+        a, b = (torch.randn(shape, device=device, generator=gen) for shape in ((1024, 1024), (1 << 22,)))
         run = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
     else:
         import mlx.core as mx
 
-        a, b = mx.random.normal((1024, 1024)), mx.random.normal((1 << 22,))
+        key = mx.random.key(0)  # its own key: the run's random stream is untouched
+        a, b = mx.random.normal((1024, 1024), key=key), mx.random.normal((1 << 22,), key=key)
         run = lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
     run()
     times, start = [], time.perf_counter()

@@ -7,9 +7,12 @@ Throughput benchmark of the fixed harness (a script, not a test), on the prepare
      bottleneck);
   3. evaluation: `evaluate_bpb` on a model whose work is almost nothing (uniform logits), so the figure is the
      harness's own cost per evaluated token (row loading, the loss, the host sums). A real model's eval time is its
-     forward time plus this.
+     forward time plus this;
+  4. evaluation against training: train_mamba_3_mlx.py's model at the active preset, the harness's per-batch scoring
+     of validation rows (what evaluate_bpb runs) and the script's training step, interleaved for --rounds rounds:
+     tokens/s of each and their ratio (the `cpu` preset's goal: evaluation >= 2.5x training).
 
-Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8]`. Needs a prepared cache (`uv run
+Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8] [--rounds 3]`. Needs a prepared cache (`uv run
 prepare_mlx_mamba_3.py`).
 """
 
@@ -29,6 +32,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--batches", type=int, default=200, help="dataloader batches to time")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of evaluation against training")
     args = parser.parse_args()
     tokenizer = prepare.Tokenizer.from_directory()
     seq_len = prepare.MAX_SEQ_LEN
@@ -63,6 +67,36 @@ def main():
     seconds = time.perf_counter() - start
     print(f"evaluate_bpb harness cost: {prepare.EVAL_TOKENS:,} tokens in {seconds:.1f} s = "
           f"{prepare.EVAL_TOKENS / seconds / 1e3:.0f}K tokens/s (uniform logits, val_bpb {bpb:.4f})")
+
+    evaluation_against_training(args.rounds)
+
+
+def evaluation_against_training(rounds, eval_batches=16):
+    import numpy as np
+    import train_mamba_3_mlx as T
+
+    mx.random.seed(0)
+    model = T.MambaLM(T.ModelConfig())
+    mx.eval(model.parameters())
+    accumulation = T.TOTAL_BATCH_SIZE // (T.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN)
+    step = T.make_training_step(model, T.AdamW(model), accumulation)
+    rows = prepare.load_val_rows()
+    blocks = [rows[i : i + T.DEVICE_BATCH_SIZE].astype(np.int32)
+              for i in range(0, eval_batches * T.DEVICE_BATCH_SIZE, T.DEVICE_BATCH_SIZE)]
+    train_batches = iter(lambda: (blocks[0][:, :-1], blocks[0][:, 1:], 1), None)
+    score = prepare._mlx_token_losses(mx.compile(model, inputs=model.state))  # evaluate_bpb's per-batch scoring
+    step(train_batches, 1.0)[0].item()  # compile both
+    score(None, blocks[0][:, :-1], blocks[0][:, 1:])
+    for r in range(rounds):
+        start = time.perf_counter()
+        step(train_batches, 1.0)[0].item()
+        train_rate = T.TOTAL_BATCH_SIZE / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for block in blocks:
+            score(None, block[:, :-1], block[:, 1:])
+        eval_rate = sum(b[:, 1:].size for b in blocks) / (time.perf_counter() - start)
+        print(f"round {r + 1}: training {train_rate:,.0f} tok/s, evaluation {eval_rate:,.0f} tok/s "
+              f"({eval_rate / train_rate:.2f}x), {T.ARCHITECTURE} at preset {prepare.PRESET_NAME}")
 
 
 if __name__ == "__main__":
