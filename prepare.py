@@ -888,7 +888,8 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
     loader overlaps the training step instead of adding to it. In a data-parallel run every rank packs the one
     stream of batches and keeps every world_size-th, starting at its rank: together the ranks read each batch of
     that stream exactly once, in the order one process would. A batch counts in `tokens_served` when it is handed
-    over, not when the thread prepares it."""
+    over, not when the thread prepares it. Closing the iterator (or dropping it) stops and joins the thread, so that
+    no thread is inside the tokenizer or the parquet reader while the process tears down."""
     import itertools
     import queue
     import threading
@@ -896,12 +897,14 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
     if not 0 <= rank < world_size:
         raise ValueError(f"make_dataloader: rank {rank} is not in 0 .. world_size - 1 = {world_size - 1}")
     list_shards(split)  # fail fast, in the caller's thread, when data is missing
-    batches = queue.Queue(maxsize=prefetch)
+    batches, stop = queue.Queue(maxsize=prefetch), threading.Event()
 
     def produce():
         try:
             rows = _packed_rows(tokenizer, seq_len + 1, split)
             for index in itertools.count():
+                if stop.is_set():
+                    return
                 block, epoch = zip(*(next(rows) for _ in range(batch_size)))
                 if index % world_size != rank:
                     continue  # another rank's batch
@@ -910,13 +913,23 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
         except BaseException as e:  # hand the error to the consumer
             batches.put(e)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item = batches.get()
-        if isinstance(item, BaseException):
-            raise item
-        tokens_served[split] += item[0].size
-        yield item
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = batches.get()
+            if isinstance(item, BaseException):
+                raise item
+            tokens_served[split] += item[0].size
+            yield item
+    finally:  # closed or dropped: stop the producer (emptying the queue unblocks its put), give it 10 s to finish
+        stop.set()
+        deadline = time.time() + 10
+        while producer.is_alive() and time.time() < deadline:
+            try:
+                batches.get_nowait()
+            except queue.Empty:
+                producer.join(0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -220,6 +220,25 @@ def test_dataloader_cycles_with_epoch_counter(prepared_cache):
     assert epochs[0] == 1 and epochs == sorted(epochs) and epochs[-1] >= 2
 
 
+def test_dataloader_stops_its_thread_when_closed_or_dropped(prepared_cache):
+    """No producer thread outlives its loader: at the end of a run none is left inside the tokenizer or the parquet
+    reader while the process tears down."""
+    import threading
+
+    tokenizer = prepare.Tokenizer.from_directory()
+    before = set(threading.enumerate())
+    loader = prepare.make_dataloader(tokenizer, 2, 16, "train", prefetch=2)
+    next(loader)  # the producer is running, and blocks on a full queue soon after
+    (producer,) = set(threading.enumerate()) - before
+    loader.close()
+    assert not producer.is_alive()
+    loader = prepare.make_dataloader(tokenizer, 2, 16, "train")
+    next(loader)
+    (producer,) = set(threading.enumerate()) - before
+    del loader  # dropped, as at the end of main()
+    assert not producer.is_alive()
+
+
 def test_corrupt_shard_is_a_clear_error(prepared_cache, tmp_path, monkeypatch):
     shutil.copy(prepare.shard_path(0), tmp_path / "shard_00000.parquet")
     with open(tmp_path / "shard_00001.parquet", "wb") as f:
