@@ -72,12 +72,15 @@ AUX_LOSS_COEFF = 0.01  # weight of the load-balancing loss (1.0 when routing is 
 # Dense MLP blocks (-)
 DENSE_MLP_HIDDEN = 1024  # hidden width of the SwiGLU; 2 * EXPERT_HIDDEN matches an E block's active width at top-2
 
-# Optimization (AdamW; learning rates are peak values, scaled by the schedule)
+# Optimization (learning rates are peak values, scaled by the schedule)
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
-MATRIX_LR = 0.002  # projections (Mamba, attention, router, experts, MLPs, conv)
+OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
+MATRIX_LR = 0.002  # projections (Mamba, attention, router, experts (each its own matrix), MLPs)
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
-SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases (no weight decay)
+SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
+MUON_MOMENTUM = 0.95
+MUON_NS_STEPS = 5  # Newton-Schulz iterations per orthogonalisation
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
@@ -811,8 +814,9 @@ class HybridLM(nn.Module):
         """Training FLOPs per token for MFU, counted as train_mamba_3_mlx.py does: 6 * (the weights that multiply a
         token's activations: the embedding once as the unembedding, every linear and conv weight, and only the top_k
         experts it is routed to) + 3 * the forward FLOPs of the Mamba scans and of attention over a seq_len row."""
-        matmul_params = self.embed.weight.size + sum(p.size for _, p in matrix_parameters(self))
-        matmul_params -= self.idle_expert_params()
+        weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
+        weights += [m.weight for _, m in self.named_modules() if isinstance(m, CausalConv1d)]
+        matmul_params = sum(w.size for w in weights) - self.idle_expert_params()
         mixing = 0
         for block in self.layers:
             if block.kind == "M":
@@ -823,11 +827,11 @@ class HybridLM(nn.Module):
 
 
 def matrix_parameters(model):
-    """(name, weight) of every weight that multiplies activations: linear and conv weights and the experts' stacked
-    matrices. They get weight decay and MATRIX_LR, and they are what the FLOP count counts."""
+    """(name, weight) of every projection matrix: the linear layers' weights and the experts' stacked matrices (Muon
+    orthogonalises each expert's own). Muon's (or MATRIX_LR's) group."""
     params = []
     for path, m in model.named_modules():
-        if isinstance(m, (nn.Linear, CausalConv1d)):
+        if isinstance(m, nn.Linear):
             params.append((f"{path}.weight", m.weight))
         elif isinstance(m, RoutedExperts):
             params += [(f"{path}.fc1", m.fc1), (f"{path}.fc2", m.fc2)]
@@ -869,24 +873,47 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Optimizer: AdamW with three groups: the embedding (EMBEDDING_LR) and the matrices (MATRIX_LR) with decoupled weight
-# decay, everything else (SCALAR_LR, no decay). The schedule scales every group's rate by one multiplier.
+# Optimizer: three groups. The projection matrices (matrix_parameters) at MATRIX_LR with decoupled weight decay, by Muon
+# (OPTIMIZER = "muon") or AdamW ("adamw"); the embedding at EMBEDDING_LR with weight decay, and everything else (A_log,
+# dt_bias, D, norms, biases, conv taps) at SCALAR_LR without, both by AdamW. The schedule scales every rate by one
+# multiplier. Muon (Jordan et al., 2024): Nesterov momentum, orthogonalised by a Newton-Schulz iteration, so that every
+# direction of a matrix's update moves at the same rate; scaled to AdamW's update size (0.2 sqrt(max(rows, cols)), as
+# in Moonlight, arXiv:2502.16982), so the two share learning rates' scale and weight decay. Written out here, not
+# mlx.optimizers.Muon: that one flattens the experts' stacked matrices into one and adds the decay to the gradient.
 
 
-class AdamW:
+def orthogonalise(g):
+    """U V^T of g = U S V^T, approximately, per matrix over the last two axes: MUON_NS_STEPS quintic Newton-Schulz
+    iterations (coefficients from Jordan et al.) that push every singular value of g / |g| into about [0.7, 1.2].
+    float32 on the CPU (bf16 matmuls bypass its BLAS), bf16 elsewhere."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.astype(mx.float32 if ON_CPU else mx.bfloat16)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.swapaxes(-1, -2)
+    x = x / (mx.sqrt(mx.sum(mx.square(x), axis=(-2, -1), keepdims=True)) + 1e-7)  # all singular values <= 1
+    for _ in range(MUON_NS_STEPS):
+        gram = x @ x.swapaxes(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.swapaxes(-1, -2) if tall else x).astype(g.dtype)
+
+
+class Optimizer:
     def __init__(self, model):
         matrices = {name for name, _ in matrix_parameters(model)}
         params = dict(tree_flatten(model.trainable_parameters()))
-        self.lr, self.weight_decay = {}, {}
+        self.lr, self.weight_decay, self.muon = {}, {}, set()
         for name in params:
             if name == "embed.weight":
                 self.lr[name], self.weight_decay[name] = EMBEDDING_LR, WEIGHT_DECAY
             elif name in matrices:
                 self.lr[name], self.weight_decay[name] = MATRIX_LR, WEIGHT_DECAY
+                if OPTIMIZER == "muon":
+                    self.muon.add(name)
             else:
                 self.lr[name], self.weight_decay[name] = SCALAR_LR, 0.0
         self.state = {"step": mx.array(0, mx.int32), "m": {k: mx.zeros_like(p) for k, p in params.items()},
-                      "v": {k: mx.zeros_like(p) for k, p in params.items()}}
+                      "v": {k: mx.zeros_like(p) for k, p in params.items() if k not in self.muon}}
 
     def update(self, model, grads, lr_multiplier):
         """One step. grads: a tree like the model's trainable parameters; lr_multiplier: a float32 scalar array."""
@@ -896,11 +923,16 @@ class AdamW:
         grads = dict(tree_flatten(grads))
         updated = []
         for name, p in tree_flatten(model.trainable_parameters()):
-            g = grads[name]
-            m = self.state["m"][name] = ADAM_BETA1 * self.state["m"][name] + (1 - ADAM_BETA1) * g
-            v = self.state["v"][name] = ADAM_BETA2 * self.state["v"][name] + (1 - ADAM_BETA2) * mx.square(g)
-            lr = self.lr[name] * lr_multiplier
-            p = p * (1 - lr * self.weight_decay[name]) - lr * (m / bias1) / (mx.sqrt(v / bias2) + ADAM_EPS)
+            g, lr = grads[name], self.lr[name] * lr_multiplier
+            p = p * (1 - lr * self.weight_decay[name])
+            if name in self.muon:
+                m = self.state["m"][name] = MUON_MOMENTUM * self.state["m"][name] + (1 - MUON_MOMENTUM) * g
+                direction = orthogonalise((1 - MUON_MOMENTUM) * g + MUON_MOMENTUM * m)  # Nesterov
+                p = p - lr * 0.2 * math.sqrt(max(p.shape[-2:])) * direction
+            else:
+                m = self.state["m"][name] = ADAM_BETA1 * self.state["m"][name] + (1 - ADAM_BETA1) * g
+                v = self.state["v"][name] = ADAM_BETA2 * self.state["v"][name] + (1 - ADAM_BETA2) * mx.square(g)
+                p = p - lr * (m / bias1) / (mx.sqrt(v / bias2) + ADAM_EPS)
             updated.append((name, p))
         model.update(tree_unflatten(updated))
 
@@ -923,7 +955,7 @@ def lr_multiplier(progress):
 
 def make_training_step(model, optimizer, grad_accum_steps):
     """One optimizer step: a compiled forward+backward per micro-batch, gradients summed on the device without a host
-    sync (mx.async_eval lets the host fetch the next batch meanwhile), then a compiled mean + clip + AdamW update.
+    sync (mx.async_eval lets the host fetch the next batch meanwhile), then a compiled mean + clip + optimizer update.
     The loss is the cross-entropy plus AUX_LOSS_COEFF * the load-balancing loss of every E block.
     Returns step(batches, lr_mult) -> (mean cross-entropy, mean balance loss per E block, routed slots per expert
     [E blocks, NUM_EXPERTS] summed over the micro-batches, epoch of the last batch); the arrays are already
@@ -1000,9 +1032,11 @@ def check_hyperparameters(tokens_per_micro_step):
         ("HYBRID_PATTERN", not pattern_problem, f"{HYBRID_PATTERN!r}: {pattern_problem}"),
         prepare.one_of(g, "MAMBA_TYPE", ("mamba-2", "mamba-3")),
         prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        prepare.one_of(g, "OPTIMIZER", ("muon", "adamw")),
         *prepare.positive(g, "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
                           "NUM_ATTENTION_HEADS", "NUM_KV_HEADS", "ATTN_HEAD_DIM", "NUM_EXPERTS", "TOP_K",
-                          "EXPERT_HIDDEN", "DENSE_MLP_HIDDEN", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+                          "EXPERT_HIDDEN", "DENSE_MLP_HIDDEN", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE",
+                          "MUON_NS_STEPS"),
         ("CHUNK_SIZE", CHUNK_SIZE >= 0, f"must be >= 0 (0 = the block's default), got {CHUNK_SIZE!r}"),
         ("SHARED_EXPERT_HIDDEN", SHARED_EXPERT_HIDDEN >= 0, f"must be >= 0 (0 = none), got {SHARED_EXPERT_HIDDEN!r}"),
         ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
@@ -1048,7 +1082,7 @@ def main():
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
           f"x {dist.world_size} processes")
 
-    optimizer = AdamW(model)
+    optimizer = Optimizer(model)
     training_step = make_training_step(model, optimizer, grad_accum_steps)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)

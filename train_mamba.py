@@ -3,8 +3,9 @@ Train a Mamba-2 or Mamba-3 (SISO / MIMO) language model with PyTorch for a fixed
 
 The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, parameter names, hyperparameter names, schedule,
 time-budget rule and summary, scored by the same harness (prepare.evaluate_bpb) on the same data and tokenizer.
-On CUDA it trains under bf16 autocast with torch.compile and fused AdamW, and uses mamba_ssm's fused scan kernels
-when they import and agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32.
+On CUDA it trains under bf16 autocast with torch.compile, and uses mamba_ssm's fused scan kernels when they import and
+agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32. Muon trains the matrices, AdamW the
+rest, as in the MLX script.
 
 Run: `uv run --extra torch train_mamba.py` (architecture from AUTORESEARCH_MLX_ARCHITECTURE, else the preset's
 `train_mamba` section, else the constant below). The math: the Mamba-2 paper (Dao & Gu, 2024, arXiv:2405.21060) and
@@ -58,12 +59,15 @@ MIMO_RANK = 4
 IS_OUTPROJ_NORM = False  # Mamba-3: grouped RMSNorm before the output gate
 MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 0 = mixers only, as in Mamba
 
-# Optimization (AdamW; learning rates are peak values, scaled by the schedule)
+# Optimization (learning rates are peak values, scaled by the schedule)
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
-MATRIX_LR = 0.002  # projections (in_proj, out_proj, conv, MLP)
+OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
+MATRIX_LR = 0.002  # projections (in_proj, out_proj, MLP)
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
-SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases (no weight decay)
+SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
+MUON_MOMENTUM = 0.95
+MUON_NS_STEPS = 5  # Newton-Schulz iterations per orthogonalisation
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
@@ -958,15 +962,15 @@ class MambaLM(nn.Module):
         """Training FLOPs per token for MFU, counted as in the MLX script: 6 * (weights that multiply activations:
         every linear and conv weight, and the embedding matrix once, as the unembedding) + 3 * the scans' forward
         FLOPs (forward + backward ~ 3x forward)."""
-        matmul_params = self.embed.weight.numel() + sum(p.numel() for _, p in matrix_parameters(self))
+        weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
+        weights += [m.weight for m in self.modules() if isinstance(m, CausalConv1d)]
         scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
-        return 6 * matmul_params + 3 * scan
+        return 6 * sum(w.numel() for w in weights) + 3 * scan
 
 
 def matrix_parameters(model):
-    """(name, weight) of every linear and conv weight: they get weight decay and MATRIX_LR, and the FLOP count."""
-    return [(f"{path}.weight", m.weight) for path, m in model.named_modules()
-            if isinstance(m, (nn.Linear, CausalConv1d))]
+    """(name, weight) of every projection matrix (the linear layers' weights): Muon's (or MATRIX_LR's) group."""
+    return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 @torch.no_grad()
@@ -1008,21 +1012,75 @@ def load_mlx_parameters(model, arrays):
 # =====================================================================================================================
 
 
+def orthogonalise(g):
+    """The MLX script's orthogonalise: MUON_NS_STEPS quintic Newton-Schulz iterations towards U V^T of g = U S V^T,
+    float32 on the CPU, bf16 on GPUs."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.float32 if g.device.type == "cpu" else torch.bfloat16)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (x.square().sum(dim=(-2, -1), keepdim=True).sqrt() + 1e-7)
+    for _ in range(MUON_NS_STEPS):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """The MLX script's Muon update (Optimizer.update there): Nesterov momentum, orthogonalised, scaled to AdamW's
+    update size by 0.2 sqrt(max(rows, cols)), decoupled weight decay. Written out, not torch.optim.Muon: that one
+    orthogonalises in bf16 on every device and scales by the aspect ratio, so it would not train like the MLX script."""
+
+    def __init__(self, params, lr, weight_decay):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                momentum.lerp_(p.grad, 1 - MUON_MOMENTUM)
+                direction = orthogonalise(p.grad.lerp(momentum, MUON_MOMENTUM))  # Nesterov
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
+
+
+class Optimizers:
+    """Several optimizers stepped as one: the training step sets every group's lr, then calls step and zero_grad."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
 def make_optimizer(model, device):
-    """AdamW with the MLX script's three groups: the embedding (EMBEDDING_LR) and the matrices (MATRIX_LR), both with
-    decoupled weight decay, and everything else (SCALAR_LR, no decay): A_log, dt_bias, D, norm weights, biases, the
-    mixers' other per-head parameters. Fused (one kernel for all parameters) on CUDA."""
+    """The MLX script's three groups: the projection matrices (MATRIX_LR) by Muon (OPTIMIZER = "muon") or AdamW, the
+    embedding (EMBEDDING_LR) by AdamW, both with decoupled weight decay, and everything else (SCALAR_LR, no decay) by
+    AdamW: A_log, dt_bias, D, norm weights, biases, conv taps, the mixers' other per-head parameters. AdamW is fused
+    (one kernel for all its parameters) on CUDA, and multiplies the decay by lr (p -= lr * wd * p) like the MLX one."""
     matrices = {id(p) for _, p in matrix_parameters(model)}
-    embedding = [model.embed.weight]
-    matrix = [p for p in model.parameters() if id(p) in matrices]
-    scalars = [p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight]
-    groups = [dict(params=embedding, lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY),
-              dict(params=matrix, lr=MATRIX_LR, weight_decay=WEIGHT_DECAY),
-              dict(params=scalars, lr=SCALAR_LR, weight_decay=0.0)]
-    for group in groups:
+    embedding = dict(params=[model.embed.weight], lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY)
+    matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
+    scalars = dict(params=[p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight],
+                   lr=SCALAR_LR, weight_decay=0.0)
+    adam = dict(betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
+    if OPTIMIZER == "muon":
+        optimizer = Optimizers(torch.optim.AdamW([embedding, scalars], **adam),
+                               Muon([matrix], MATRIX_LR, WEIGHT_DECAY))
+    else:
+        optimizer = torch.optim.AdamW([embedding, matrix, scalars], **adam)
+    for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
-    # torch's AdamW multiplies the decay by lr (p -= lr * wd * p), like the MLX script's update.
-    return torch.optim.AdamW(groups, betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
+    return optimizer
 
 
 def lr_multiplier(progress):
@@ -1037,7 +1095,7 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """One optimizer step: forward + backward per micro-batch (gradients accumulate in .grad), clip, AdamW. No host
+    """One optimizer step: forward + backward per micro-batch (gradients accumulate in .grad), clip, update. No host
     sync inside: the loss stays on the device, and the next micro-batch of the step is fetched and copied while the
     GPU runs the work already queued (never one beyond the step: the budget check counts every batch fetched).
     Returns step(batches, lr_mult) -> (mean loss as a device tensor, epoch of the last batch).
@@ -1089,8 +1147,9 @@ def check_hyperparameters(tokens_per_micro_step):
     prepare.check_hyperparameters("train_mamba", [
         prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
         prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        prepare.one_of(g, "OPTIMIZER", ("muon", "adamw")),
         *prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
-                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS"),
         ("CHUNK_SIZE", CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"),
         ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
         ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,

@@ -45,12 +45,15 @@ MIMO_RANK = 4
 IS_OUTPROJ_NORM = False  # Mamba-3: grouped RMSNorm before the output gate
 MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 0 = mixers only, as in Mamba
 
-# Optimization (AdamW; learning rates are peak values, scaled by the schedule)
+# Optimization (learning rates are peak values, scaled by the schedule)
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
-MATRIX_LR = 0.002  # projections (in_proj, out_proj, conv, MLP)
+OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
+MATRIX_LR = 0.002  # projections (in_proj, out_proj, MLP)
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
-SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases (no weight decay)
+SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
+MUON_MOMENTUM = 0.95
+MUON_NS_STEPS = 5  # Newton-Schulz iterations per orthogonalisation
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
@@ -587,14 +590,14 @@ class MambaLM(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token for MFU: 6 * (every weight that multiplies activations, the embedding once as the
         unembedding) + 3 * the scans' own forward FLOPs (forward + backward ~ 3x forward)."""
-        matmul_params = self.embed.weight.size + sum(p.size for _, p in matrix_parameters(self))
-        return 6 * matmul_params + 3 * sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
+        weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
+        weights += [m.weight for _, m in self.named_modules() if isinstance(m, CausalConv1d)]
+        return 6 * sum(w.size for w in weights) + 3 * sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
 
 
 def matrix_parameters(model):
-    """(name, weight) of every linear and conv weight: they get weight decay and MATRIX_LR, and count as FLOPs."""
-    modules = model.named_modules()
-    return [(f"{path}.weight", m.weight) for path, m in modules if isinstance(m, (nn.Linear, CausalConv1d))]
+    """(name, weight) of every projection matrix (the linear layers' weights): Muon's (or MATRIX_LR's) group."""
+    return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 # =====================================================================================================================
@@ -632,24 +635,47 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Optimizer: AdamW with three groups: the embedding (EMBEDDING_LR) and the matrices (MATRIX_LR) with decoupled weight
-# decay, everything else (SCALAR_LR, no decay). The schedule scales every group's rate by one multiplier.
+# Optimizer: three groups. The projection matrices (matrix_parameters) at MATRIX_LR with decoupled weight decay, by Muon
+# (OPTIMIZER = "muon") or AdamW ("adamw"); the embedding at EMBEDDING_LR with weight decay, and everything else (A_log,
+# dt_bias, D, norms, biases, conv taps) at SCALAR_LR without, both by AdamW. The schedule scales every rate by one
+# multiplier. Muon (Jordan et al., 2024): Nesterov momentum, orthogonalised by a Newton-Schulz iteration, so that every
+# direction of a matrix's update moves at the same rate; scaled to AdamW's update size (0.2 sqrt(max(rows, cols)), as
+# in Moonlight, arXiv:2502.16982), so the two share learning rates' scale and weight decay. Written out here, not
+# mlx.optimizers.Muon: that one flattens the experts' stacked matrices into one and adds the decay to the gradient.
 
 
-class AdamW:
+def orthogonalise(g):
+    """U V^T of g = U S V^T, approximately, per matrix over the last two axes: MUON_NS_STEPS quintic Newton-Schulz
+    iterations (coefficients from Jordan et al.) that push every singular value of g / |g| into about [0.7, 1.2].
+    float32 on the CPU (bf16 matmuls bypass its BLAS), bf16 elsewhere."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.astype(mx.float32 if ON_CPU else mx.bfloat16)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.swapaxes(-1, -2)
+    x = x / (mx.sqrt(mx.sum(mx.square(x), axis=(-2, -1), keepdims=True)) + 1e-7)  # all singular values <= 1
+    for _ in range(MUON_NS_STEPS):
+        gram = x @ x.swapaxes(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.swapaxes(-1, -2) if tall else x).astype(g.dtype)
+
+
+class Optimizer:
     def __init__(self, model):
         matrices = {name for name, _ in matrix_parameters(model)}
         params = dict(tree_flatten(model.trainable_parameters()))
-        self.lr, self.weight_decay = {}, {}
+        self.lr, self.weight_decay, self.muon = {}, {}, set()
         for name in params:
             if name == "embed.weight":
                 self.lr[name], self.weight_decay[name] = EMBEDDING_LR, WEIGHT_DECAY
             elif name in matrices:
                 self.lr[name], self.weight_decay[name] = MATRIX_LR, WEIGHT_DECAY
+                if OPTIMIZER == "muon":
+                    self.muon.add(name)
             else:
                 self.lr[name], self.weight_decay[name] = SCALAR_LR, 0.0
         self.state = {"step": mx.array(0, mx.int32), "m": {k: mx.zeros_like(p) for k, p in params.items()},
-                      "v": {k: mx.zeros_like(p) for k, p in params.items()}}
+                      "v": {k: mx.zeros_like(p) for k, p in params.items() if k not in self.muon}}
 
     def update(self, model, grads, lr_multiplier):
         """One step. grads: a tree like the model's trainable parameters; lr_multiplier: a float32 scalar array."""
@@ -659,11 +685,16 @@ class AdamW:
         grads = dict(tree_flatten(grads))
         updated = []
         for name, p in tree_flatten(model.trainable_parameters()):
-            g = grads[name]
-            m = self.state["m"][name] = ADAM_BETA1 * self.state["m"][name] + (1 - ADAM_BETA1) * g
-            v = self.state["v"][name] = ADAM_BETA2 * self.state["v"][name] + (1 - ADAM_BETA2) * mx.square(g)
-            lr = self.lr[name] * lr_multiplier
-            p = p * (1 - lr * self.weight_decay[name]) - lr * (m / bias1) / (mx.sqrt(v / bias2) + ADAM_EPS)
+            g, lr = grads[name], self.lr[name] * lr_multiplier
+            p = p * (1 - lr * self.weight_decay[name])
+            if name in self.muon:
+                m = self.state["m"][name] = MUON_MOMENTUM * self.state["m"][name] + (1 - MUON_MOMENTUM) * g
+                direction = orthogonalise((1 - MUON_MOMENTUM) * g + MUON_MOMENTUM * m)  # Nesterov
+                p = p - lr * 0.2 * math.sqrt(max(p.shape[-2:])) * direction
+            else:
+                m = self.state["m"][name] = ADAM_BETA1 * self.state["m"][name] + (1 - ADAM_BETA1) * g
+                v = self.state["v"][name] = ADAM_BETA2 * self.state["v"][name] + (1 - ADAM_BETA2) * mx.square(g)
+                p = p - lr * (m / bias1) / (mx.sqrt(v / bias2) + ADAM_EPS)
             updated.append((name, p))
         model.update(tree_unflatten(updated))
 
@@ -686,7 +717,7 @@ def lr_multiplier(progress):
 
 def make_training_step(model, optimizer, grad_accum_steps):
     """One optimizer step: a compiled forward+backward per micro-batch, gradients summed on the device without a host
-    sync (mx.async_eval lets the host fetch the next batch meanwhile), then a compiled mean + clip + AdamW update.
+    sync (mx.async_eval lets the host fetch the next batch meanwhile), then a compiled mean + clip + optimizer update.
     Returns step(batches, lr_mult) -> (mean loss, an mx.array already scheduled, epoch of the last batch)."""
     loss_and_grad = nn.value_and_grad(model, lambda inputs, targets: cross_entropy(model(inputs), targets))
     # The model's and optimizer's arrays are the compiled functions' implicit inputs and outputs.
@@ -724,8 +755,9 @@ def check_hyperparameters(tokens_per_micro_step):
     prepare.check_hyperparameters("train_mamba_3_mlx", [
         prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
         prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
+        prepare.one_of(g, "OPTIMIZER", ("muon", "adamw")),
         *prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
-                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE"),
+                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS"),
         ("CHUNK_SIZE", CHUNK_SIZE >= 0, f"must be >= 0 (0 = the block's default), got {CHUNK_SIZE!r}"),
         ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
         ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
@@ -769,7 +801,7 @@ def main():
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
           f"x {dist.world_size} processes")
 
-    optimizer = AdamW(model)
+    optimizer = Optimizer(model)
     training_step = make_training_step(model, optimizer, grad_accum_steps)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)

@@ -79,7 +79,7 @@ def evaluation_against_training(rounds, eval_batches=16):
     model = T.MambaLM(T.ModelConfig())
     mx.eval(model.parameters())
     accumulation = T.TOTAL_BATCH_SIZE // (T.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN)
-    step = T.make_training_step(model, T.AdamW(model), accumulation)
+    step = T.make_training_step(model, T.Optimizer(model), accumulation)
     rows = prepare.load_val_rows()
     blocks = [rows[i : i + T.DEVICE_BATCH_SIZE].astype(np.int32)
               for i in range(0, eval_batches * T.DEVICE_BATCH_SIZE, T.DEVICE_BATCH_SIZE)]

@@ -73,7 +73,8 @@ def bench_step(args):
             mx.random.seed(0)
             model = module.HybridLM(make_config(fields, args.mamba_type, module, args.checkpoint_blocks))
             mx.eval(model.parameters())
-            step = module.make_training_step(model, module.AdamW(model), grad_accum_steps=1)
+            optimizer = (getattr(module, "Optimizer", None) or module.AdamW)(model)  # AdamW: scripts before Muon
+            step = module.make_training_step(model, optimizer, grad_accum_steps=1)
             batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
             for _ in range(2):  # compile + one real step
                 step(batches, 1.0)[0].item()

@@ -74,7 +74,7 @@ class TrainingStep:
         mx.reset_peak_memory()
         self.model = module.MambaLM(config, dtype)
         mx.eval(self.model.parameters())
-        self.optimizer = module.AdamW(self.model)
+        self.optimizer = (getattr(module, "Optimizer", None) or module.AdamW)(self.model)  # AdamW: before Muon
         self.step = module.make_training_step(self.model, self.optimizer, grad_accum_steps=1)
         self.batches = random_batches(batch_size, seq_len, config.vocab_size)
         self.tokens = batch_size * seq_len

@@ -48,7 +48,7 @@ def train_mlx(dist, tokenizer, loader, grad_accum):
     mx.random.seed(7)  # the same initial weights on every rank and in the single process
     model = T.MambaLM(T.ModelConfig(architecture="mamba-3", vocab_size=tokenizer.get_vocab_size(), **MODEL))
     val_bpb = prepare.evaluate_bpb(model, EVAL_BATCH, dist)
-    step = T.make_training_step(model, T.AdamW(model), grad_accum)
+    step = T.make_training_step(model, T.Optimizer(model), grad_accum)
     losses = []
     for i in range(STEPS):
         loss, _ = step(loader, T.lr_multiplier(i / STEPS))

@@ -92,3 +92,52 @@ def test_generate_with_carried_state_matches_greedy_forward(prepared_cache):
         logits = model(mx.array([ids + new], mx.int32))
         new.append(mx.argmax(logits[0, -1]).item())
     assert text == tokenizer.decode(new)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (3, 24, 40)])  # tall, wide, stacked (the hybrid's experts)
+def test_orthogonalise_flattens_the_spectrum(shape):
+    """Muon's Newton-Schulz iteration: however spread the singular values of g (here over 2 decades), those of the
+    result land near 1 (the quintic's band, about [0.7, 1.2]), per matrix, with g's singular vectors."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    *lead, rows, cols = shape
+    k = min(rows, cols)
+    u = np.linalg.qr(rng.standard_normal((*lead, rows, k)))[0]
+    v = np.linalg.qr(rng.standard_normal((*lead, cols, k)))[0]
+    g = (u * np.logspace(-1, 1, k)) @ np.swapaxes(v, -1, -2)
+    out = np.array(T.orthogonalise(mx.array(g.astype(np.float32))))
+    singular = np.linalg.svd(out, compute_uv=False)
+    assert out.shape == g.shape and singular.min() > 0.6 and singular.max() < 1.25, singular
+    aligned = np.swapaxes(u, -1, -2) @ out @ v  # in g's singular bases: diagonal
+    off_diagonal = aligned - np.eye(k) * np.diagonal(aligned, axis1=-2, axis2=-1)[..., None, :]
+    assert np.abs(off_diagonal).max() < 0.02
+
+
+def test_optimizer_groups_muon_and_adamw(monkeypatch):
+    """The projection matrices go to Muon with OPTIMIZER = "muon" (to AdamW with "adamw"); the embedding, conv taps,
+    norms and the mixers' per-head parameters always to AdamW; a Muon step moves a matrix by lr * 0.2 sqrt(max
+    dimension) times a matrix whose singular values are all near 1 (RMS ~0.2 lr, an AdamW step's typical size)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    monkeypatch.setattr(T, "ARCHITECTURE", "mamba-2")
+    config = T.ModelConfig(architecture="mamba-2", vocab_size=64, depth=1, d_model=32, d_state=16, headdim=16)
+    model = T.MambaLM(config)
+    for optimizer in ("muon", "adamw"):
+        monkeypatch.setattr(T, "OPTIMIZER", optimizer)
+        made = T.Optimizer(model)
+        if optimizer == "adamw":
+            assert made.muon == set()
+            continue
+        assert made.muon == {"layers.0.mixer.in_proj.weight", "layers.0.mixer.out_proj.weight"}
+        assert made.lr["layers.0.mixer.conv.weight"] == T.SCALAR_LR and made.lr["embed.weight"] == T.EMBEDDING_LR
+        before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        grads = {k: mx.random.normal(mx.array(v).shape) for k, v in before.items()}
+        made.update(model, T.tree_unflatten(list(grads.items())), mx.array(1.0))
+        after = dict(tree_flatten(model.trainable_parameters()))
+        for name in made.muon:
+            p = before[name]
+            step = p * (1 - T.MATRIX_LR * T.WEIGHT_DECAY) - np.array(after[name])
+            singular = np.linalg.svd(step / (T.MATRIX_LR * 0.2 * math.sqrt(max(p.shape))), compute_uv=False)
+            assert 0.6 < singular.min() and singular.max() < 1.25, (name, singular)

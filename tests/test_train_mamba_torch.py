@@ -347,15 +347,24 @@ def test_prefill_and_step_match_forward(name):
 
 def test_optimizer_groups_and_schedule(monkeypatch):
     model = perturbed_model(ARCHITECTURES["mamba-2"])
-    groups = tm.make_optimizer(model, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    embedding, matrices, scalars = ([names[id(p)] for p in g["params"]] for g in groups)
-    assert embedding == ["embed.weight"] and groups[0]["weight_decay"] > 0
-    assert all(n.endswith(("in_proj.weight", "out_proj.weight", "conv.weight", "fc1.weight", "fc2.weight"))
-               for n in matrices) and groups[1]["weight_decay"] > 0
-    assert groups[2]["weight_decay"] == 0
-    for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias"):
-        assert any(n.endswith(no_decay) for n in scalars), no_decay
+    for optimizer in ("muon", "adamw"):
+        monkeypatch.setattr(tm, "OPTIMIZER", optimizer)
+        made = tm.make_optimizer(model, torch.device("cpu"))
+        assert len(made.param_groups) == 3
+        embedding, = (g for g in made.param_groups if g["params"][0] is model.embed.weight)
+        matrices, = (g for g in made.param_groups if g is not embedding and g["weight_decay"] > 0)
+        scalars, = (g for g in made.param_groups if g["weight_decay"] == 0)
+        assert [names[id(p)] for p in embedding["params"]] == ["embed.weight"] and embedding["weight_decay"] > 0
+        assert (embedding["lr"], matrices["lr"], scalars["lr"]) == (tm.EMBEDDING_LR, tm.MATRIX_LR, tm.SCALAR_LR)
+        assert matrices["weight_decay"] > 0 and all(p.ndim == 2 and names[id(p)].endswith(
+            ("in_proj.weight", "out_proj.weight")) for p in matrices["params"])
+        assert scalars["weight_decay"] == 0
+        for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias", "conv.weight"):
+            assert any(names[id(p)].endswith(no_decay) for p in scalars["params"]), no_decay
+        by_muon = [p for o in getattr(made, "optimizers", [made]) if isinstance(o, tm.Muon) for g in o.param_groups
+                   for p in g["params"]]
+        assert by_muon == (matrices["params"] if optimizer == "muon" else [])
     assert tm.lr_multiplier(1.0 - tm.WARMDOWN_RATIO) == 1.0
     assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
     monkeypatch.setattr(tm, "WARMUP_RATIO", 0.0)
@@ -397,15 +406,19 @@ def test_logits_match_mlx_model(name):
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 
-@pytest.mark.parametrize("name", ["mamba-3 siso", "mamba-2 mlp"])
-def test_training_steps_match_mlx_script(name):
-    """From the same weights and batches, the scripts' own training steps (optimizer groups, clip, AdamW, gradient
-    accumulation, schedule multiplier) give the same losses and the same weights: the training dynamics agree."""
+@pytest.mark.parametrize("name, optimizer", [("mamba-3 siso", "muon"), ("mamba-2 mlp", "muon"),
+                                             ("mamba-3 siso", "adamw")])
+def test_training_steps_match_mlx_script(name, optimizer, monkeypatch):
+    """From the same weights and batches, the scripts' own training steps (optimizer groups, clip, Muon or AdamW,
+    gradient accumulation, schedule multiplier) give the same losses and the same weights: the dynamics agree."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
     import train_mamba_3_mlx as mlx_script
+
+    monkeypatch.setattr(mlx_script, "OPTIMIZER", optimizer)
+    monkeypatch.setattr(tm, "OPTIMIZER", optimizer)
 
     config = dict(vocab_size=64, depth=2, d_model=32, d_state=16, headdim=16, chunk_size=8, **ARCHITECTURES[name])
     mx.random.seed(3)
@@ -418,7 +431,7 @@ def test_training_steps_match_mlx_script(name):
     for _ in range(grad_accum * steps):
         row = rng.randint(0, 64, (2, 21)).astype(np.int32)
         batches.append((row[:, :-1].copy(), row[:, 1:].copy(), 0))
-    mlx_step = mlx_script.make_training_step(mlx_model, mlx_script.AdamW(mlx_model), grad_accum)
+    mlx_step = mlx_script.make_training_step(mlx_model, mlx_script.Optimizer(mlx_model), grad_accum)
     torch_step = tm.make_training_step(torch_model, tm.make_optimizer(torch_model, torch.device("cpu")), grad_accum,
                                        torch.device("cpu"), compile_model=False)
     mlx_batches, torch_batches = iter(batches), iter(batches)  # neither step fetches beyond its own micro-batches
