@@ -49,7 +49,8 @@ MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
 OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
-MATRIX_LR = 0.002  # projections (in_proj, out_proj, MLP)
+MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP). Measured on the cpu preset (README); other sizes keep it,
+# since Muon's update is scaled to AdamW's RMS (its rate carries across widths to first order; no GPU has checked it)
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
 SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
 MUON_MOMENTUM = 0.95

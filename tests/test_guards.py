@@ -103,3 +103,21 @@ def test_an_unregistered_custom_gradient_stops_the_run_at_start(script, tmp_path
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Gradient check failed: sneaky has a custom gradient that is not checked" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_agents_reading_stays_under_80_kb():
+    """program.md sends the agent to itself, each script down to its speed section, and prepare.py's contract (down
+    to END OF THE CONTRACT): all it must read to run the loop stays under 80 KB (Karpathy's agent reads ~55 KB); the
+    hybrid's path is held where it is until its script is trimmed."""
+    def read(name, end):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            text = f.read()
+        assert end is None or end in text, f"{name}: {end!r} is gone, and program.md points the agent to it"
+        return len(text.split(end)[0] if end else text)
+
+    budgets = {"train_mamba_3_mlx.py": 80_000, "train_hybrid_moe_mlx.py": 90_000}  # the hybrid: a ratchet, 88.9 KB
+    for script, budget in budgets.items():
+        sizes = {"program.md": read("program.md", None), script: read(script, b"# SECTION: Speed machinery"),
+                 "prepare.py": read("prepare.py", b"# END OF THE CONTRACT")}
+        total = sum(sizes.values())
+        assert total < budget, f"the agent's reading is {total:,} bytes ({sizes}): trim it"
