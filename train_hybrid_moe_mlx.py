@@ -178,25 +178,15 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
     and the final state `... p n`.
     Float32; the decays and the state passing are element-wise, so true float32 on every backend; the matmuls run as
-    TF32 on CUDA (and M5) GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 of the model around them."""
-    c = log_alpha.shape[-1]
-    rank = q.shape[-2] // c
+    TF32 on CUDA (and M5) GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 of the model around them.
+    A checkpointed Mamba-3 MIMO block takes gated_chunked_scan instead: the same forward, with a hand-written
+    gradient that keeps only the inputs (speed section)."""
+    rank = q.shape[-2] // log_alpha.shape[-1]
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
-    decay = decay_matrix(log_alpha)  # ... C c c
-    mix = decay if weight is None else decay * weight[..., None, :]
-    if diag_weight is not None:
-        mix = mx.where(mx.eye(c, dtype=mx.bool_), diag_weight[..., :, None], mix)
-    scores = q @ k.swapaxes(-1, -2)  # ... C (c r) (c r)
-    if rank > 1:  # every (query rank, key rank) pair of tokens t, s shares mix[t, s]
-        lead = mix.shape[:-2]
-        scores = (scores.reshape(*lead, c, rank, c, rank) * mix[..., :, None, :, None]).reshape(*lead, c * rank, -1)
-    else:
-        scores = scores * mix
-    y = scores @ v
+    decay, mix, to_end, from_start = chunk_gates(log_alpha, weight, diag_weight)
+    y = rank_mix(q @ k.swapaxes(-1, -2), mix) @ v
     # 2. The state each chunk adds by its end: sum_s L[end, s] w_s v_s k_s^T.
-    to_end = decay[..., -1, :] if weight is None else decay[..., -1, :] * weight  # ... C c
-    log_decay = mx.cumsum(log_alpha, axis=-1)  # ... C c: log decay from the chunk start to each token
-    from_start = exp(log_decay)
+    chunk_decay = from_start[..., -1]
     if rank > 1:
         to_end, from_start = mx.repeat(to_end, rank, axis=-1), mx.repeat(from_start, rank, axis=-1)
     shared = k.shape[-4] == 1 < v.shape[-4]  # SSD: the heads of a group share q and k
@@ -205,13 +195,36 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     # 3. Pass the states across chunks, a loop over chunks (not tokens): S_in[j+1] = decay of chunk j * S_in[j] + its
     #    own state, from S_in[0] = start_state.
     start_state = mx.broadcast_to(start_state, chunk_states.shape[:-3] + chunk_states.shape[-2:])
-    entering, final = carry_states(exp(log_decay[..., -1])[..., None, None], chunk_states, start_state)
+    entering, final = carry_states(chunk_decay[..., None, None], chunk_states, start_state)
     # 4. Each token reads the state its chunk received, decayed from the chunk start.
     if shared:
         read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
     else:
         read = q @ entering.swapaxes(-1, -2)
     return y + read * from_start[..., None], final
+
+
+def chunk_gates(log_alpha, weight, diag_weight):
+    """The per-chunk factors of chunked_scan: decay L `... C c c`, mix (L weighted, gamma on the diagonal), to_end
+    L[end, s] w_s and from_start (the decay from the chunk start to each token) `... C c`."""
+    c = log_alpha.shape[-1]
+    decay = decay_matrix(log_alpha)  # L[t, s] = alpha_{s+1} ... alpha_t
+    mix = decay if weight is None else decay * weight[..., None, :]
+    if diag_weight is not None:
+        mix = mx.where(mx.eye(c, dtype=mx.bool_), diag_weight[..., :, None], mix)
+    to_end = decay[..., -1, :] if weight is None else decay[..., -1, :] * weight
+    from_start = exp(mx.cumsum(log_alpha, axis=-1))
+    return decay, mix, to_end, from_start
+
+
+def rank_mix(scores, mix):
+    """scores `... (c r) (c r)` * mix `... c c`: every (query rank, key rank) pair of tokens t, s shares mix[t, s]."""
+    c = mix.shape[-1]
+    rank = scores.shape[-1] // c
+    if rank == 1:
+        return scores * mix
+    lead = scores.shape[:-2]
+    return (scores.reshape(*lead, c, rank, c, rank) * mix[..., :, None, :, None]).reshape(scores.shape)
 
 
 def shared_matmul(per_head, shared):
@@ -388,8 +401,11 @@ def rotation(theta, n):
 def rotate(x, cos, sin):
     if x.ndim > cos.ndim:  # MIMO: x `b h l r n`, one angle per token
         cos, sin = cos[..., None, :], sin[..., None, :]
-    swapped = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)  # (x1, x0) per pair
-    return x * cos + swapped * sin
+    return x * cos + swap_pairs(x) * sin
+
+
+def swap_pairs(x):
+    return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)  # (x1, x0) per pair
 
 
 def heads_qk(X, bias, heads):
@@ -402,7 +418,7 @@ def heads_qk(X, bias, heads):
     return (X + bias.reshape(g, heads // g, 1, *bias.shape[1:])).reshape(X.shape[0], heads, *X.shape[3:])
 
 
-def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, mimo):
+def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, mimo, lean_backward):
     """Shared body of the SISO (mimo None) and MIMO (mimo = (MIMO_V, MIMO_Z, MIMO_O)) scans; layout `b h l ...`."""
     f32 = mx.float32
     out_dtype = V.dtype
@@ -420,8 +436,9 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_st
     # 1. Angles, then q and k rotated token by token (rotations compose: q~_t . k~_s sees theta_t - theta_s).
     theta = cumulative_angles(math.pi * mx.tanh(Angles).transpose(0, 2, 1, 3) * DT[..., None], angle0, chunk_size)
     cos, sin = rotation(theta, n)  # b h l n
-    q = rotate(heads_qk(Q, Q_bias, h), cos, sin)  # b h l n (b h l r n)
-    k = rotate(heads_qk(K, K_bias, h), cos, sin)
+    rotated = lean_rotate if lean_backward else rotate
+    q = rotated(heads_qk(Q, Q_bias, h), cos, sin)  # b h l n (b h l r n)
+    k = rotated(heads_qk(K, K_bias, h), cos, sin)
     x = V.transpose(0, 2, 1, 3)  # b h l p
     v = x if mimo is None else x[:, :, :, None] * mimo[0].astype(f32)[:, None]  # b h l (r) p
 
@@ -442,43 +459,52 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_st
     chunked = [to_chunks(t, chunk_size, 2) for t in (q, k, v)]
     chunked = [t.reshape(*t.shape[:3], -1, t.shape[-1]) for t in chunked]  # b h C (c r) n|p
     gates = [to_chunks(t, chunk_size, 2) for t in (ADT, weight, gamma)]
-    y, final_ssm = chunked_scan(*chunked, *gates, start_state)
+    if lean_backward:  # the same forward; its gradient keeps only the inputs and rebuilds the rest
+        y, final_ssm = gated_chunked_scan(*gates, *chunked, start_state)
+    else:
+        y, final_ssm = chunked_scan(*chunked, *gates, start_state)
     y = y.reshape(b, h, -1, *v.shape[3:])[:, :, :l]  # b h l (r) p
 
     # 5. Skip D, the gate, and for MIMO the down-projection of the ranks.
-    if D is not None:
-        y = y + D.astype(f32).reshape(h, 1, *([1] * (v.ndim - 4)), 1) * v
     z = None if Z is None else Z.astype(f32).transpose(0, 2, 1, 3)
-    if mimo is None:
-        y = (y if z is None else y * silu(z)).transpose(0, 2, 1, 3)  # b l h p
+    if lean_backward and mimo is not None and all(t is not None for t in (D, z, mimo[1], mimo[2])):
+        y = mimo_gate_down(y, v, z, D.astype(f32), mimo[1].astype(f32), mimo[2].astype(f32)).transpose(0, 2, 1, 3)
     else:
-        if z is not None:
-            y = y * silu(z[:, :, :, None] * mimo[1].astype(f32)[:, None])
-        if mimo[2] is not None:
-            y = (y * mimo[2].astype(f32)[:, None]).sum(axis=3).transpose(0, 2, 1, 3)  # b l h p
+        if D is not None:
+            y = y + D.astype(f32).reshape(h, 1, *([1] * (v.ndim - 4)), 1) * v
+        if mimo is None:
+            y = (y if z is None else y * silu(z)).transpose(0, 2, 1, 3)  # b l h p
         else:
-            y = y.transpose(0, 2, 3, 1, 4)  # b l r h p
+            if z is not None:
+                y = y * silu(z[:, :, :, None] * mimo[1].astype(f32)[:, None])
+            if mimo[2] is not None:
+                y = (y * mimo[2].astype(f32)[:, None]).sum(axis=3).transpose(0, 2, 1, 3)  # b l h p
+            else:
+                y = y.transpose(0, 2, 3, 1, 4)  # b l r h p
     k_last = k[:, :, -1] if mimo is None else k[:, :, -1].transpose(0, 2, 1, 3)
     return y.astype(out_dtype), (theta[:, :, -1], final_ssm, k_last, x[:, :, -1])
 
 
 def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, initial_states=None,
-                     chunk_size=64):
+                     chunk_size=64, lean_backward=False):
     """Mamba-3 SISO scan, chunked (any length), float32 inside. Q, K `b l g n` (before bias and rotation; head =
     group * heads_per_group + j), V, Z `b l h p`, ADT (= A*dt), DT, Trap (before sigmoid) `b h l`, Q_bias, K_bias
     `h n`, Angles `b l h a` or `b l 1 a` (before tanh), D `h`, initial_states as the returned states or None.
-    Returns (out `b l h p` in V's dtype, (angle `b h a`, ssm `b h p n`, k `b h n`, x `b h p`) float32)."""
-    return mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, None)
+    Returns (out `b l h p` in V's dtype, (angle `b h a`, ssm `b h p n`, k `b h n`, x `b h p`) float32).
+    lean_backward: the hand-written gradients that keep only their inputs (less memory, more time: what a checkpointed
+    block is for)."""
+    return mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, None,
+                       lean_backward)
 
 
 def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
-                     Z=None, initial_states=None, chunk_size=16):
+                     Z=None, initial_states=None, chunk_size=16, lean_backward=False):
     """Mamba-3 MIMO scan of rank r (a chunk of c tokens is a (c*r) x (c*r) product; upstream recommends c = 64 / r).
     As mamba3_siso_scan, except Q, K `b l r g n`, Q_bias, K_bias `h r n`, MIMO_V, MIMO_Z, MIMO_O `h r p` (MIMO_Z is
     needed when Z is given), the carried k `b r h n`, and out `b l r h p` (before the down-projection) when MIMO_O is
     None."""
     return mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size,
-                       (MIMO_V, MIMO_Z, MIMO_O))
+                       (MIMO_V, MIMO_Z, MIMO_O), lean_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -502,6 +528,9 @@ class Mamba3(nn.Module):
         self.is_mimo, self.is_outproj_norm, self.a_floor = c.is_mimo, c.is_outproj_norm, c.a_floor
         self.mimo_rank = c.mimo_rank if c.is_mimo else 1
         self.chunk_size = c.chunk_size or max(1, 64 // self.mimo_rank)  # measured default: a 64 x 64 product
+        # MIMO's checkpointed backward takes the hand-written gradients that keep only their inputs (memory over
+        # time, as the checkpoint itself); SISO's is small enough, and faster by autodiff (measured)
+        self.lean_backward = c.checkpoint_blocks and c.is_mimo
         self.num_rope_angles = int(c.d_state * c.rope_fraction) // 2
         r, h, n = self.mimo_rank, self.nheads, c.d_state
         bc_dim = r * c.ngroups * n
@@ -535,7 +564,7 @@ class Mamba3(nn.Module):
         scan_inputs = dict(Q=C, K=B, V=x.reshape(b, l, h, p), ADT=(A * DT).transpose(0, 2, 1),
                            DT=DT.transpose(0, 2, 1), Trap=trap.astype(mx.float32).transpose(0, 2, 1),
                            Angles=angles.astype(mx.float32)[:, :, None], D=self.D, Z=gate, initial_states=state,
-                           chunk_size=self.chunk_size)
+                           chunk_size=self.chunk_size, lean_backward=self.lean_backward)
         if self.is_mimo:
             y, state = mamba3_mimo_scan(**scan_inputs, Q_bias=self.C_bias, K_bias=self.B_bias, MIMO_V=self.mimo_x,
                                         MIMO_Z=self.mimo_z, MIMO_O=None if self.is_outproj_norm else self.mimo_o)
@@ -1334,6 +1363,171 @@ def _carry_states_vjp(primals, cotangents, outputs):
 
 
 carry_states.vjp(_carry_states_vjp)
+
+
+GATED_SCAN_EXAMPLE = 3 * ((2, 3, 4),) + ((2, 3, 8, 5), (2, 3, 8, 5), (2, 3, 8, 6), (2, 6, 5))  # heads 2, chunks 3,
+# 4 tokens x rank 2 per chunk
+
+
+@hand_written_gradient(*GATED_SCAN_EXAMPLE, domain=lambda x: -mx.abs(x))  # log decays <= 0
+def gated_chunked_scan(log_alpha, weight, diag_weight, q, k, v, start_state):
+    """chunked_scan with both weights given (Mamba-3), full shapes (no broadcast head axes); log_alpha first, so the
+    check's domain applies to it. The gradient keeps only the inputs: the decays, the (c r) x (c r) scores and the
+    chunk states are rebuilt in the backward (autodiff kept them from the forward: most of a MIMO block's backward
+    memory). More time in the backward (the rebuilt products), so only checkpointed MIMO blocks take it
+    (Mamba3.lean_backward)."""
+    return chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state)
+
+
+BACKWARD_HEAD_GROUPS = 24
+
+
+def in_head_groups(backward, arrays, axes, out_axes):
+    """backward(*arrays) computed for groups of heads one after another (each group's inputs depend on the previous
+    group's gradients, mx.depends), then concatenated: MLX evaluates depth first and frees an array after its last
+    consumer, so only one group's temporaries are alive at a time (default MIMO model, 2 x 2048, scan and gate: peak
+    6.3 GB with all 24 heads at once, 5.0 GB in 8 groups, 4.8 GB in 24, measured). axes: each array's head axis;
+    out_axes: each gradient's."""
+    heads = arrays[0].shape[axes[0]] if arrays[0].ndim >= abs(axes[0]) else 1
+    groups = max(g for g in range(1, min(BACKWARD_HEAD_GROUPS, heads) + 1) if heads % g == 0)
+    if groups == 1:
+        return backward(*arrays)
+    split = [mx.split(x, groups, axis=a) for x, a in zip(arrays, axes)]
+    grads = []
+    for i in range(groups):
+        args = [parts[i] for parts in split]
+        if grads:
+            args = mx.depends(args, list(grads[-1]))
+        grads.append(backward(*args))
+    return tuple(mx.concatenate([g[j] for g in grads], axis=a) for j, a in enumerate(out_axes))
+
+
+def _gated_chunked_scan_vjp(primals, cotangents, outputs):
+    axes = [-3, -3, -3, -4, -4, -4, -3]  # the head axis of log_alpha, weight, diag_weight, q, k, v, start_state
+    return in_head_groups(_chunked_scan_backward, [*primals, *cotangents], axes + [-4, -3], axes)
+
+
+def _chunked_scan_backward(log_alpha, weight, diag_weight, q, k, v, start_state, dy, d_final):
+    """Step by step backwards through chunked_scan, with E the entering states, f from_start, e to_end:
+    read = (q E^T) f gives dq = (dy E) f, dE = (dy f)^T q, df = q . (dy E); the chunk states (v e)^T k give
+    dk = (v e) dS, dv = (k dS^T) e; y = (q k^T * mix) v gives dv = (q k^T * mix)^T dy, d(q k^T) = (dy v^T) * mix
+    and dmix = (dy v^T) * q k^T summed over the rank pairs. The decays get theirs through decay_matrix's gradient
+    and a reverse cumulative sum for f (the chunk's total decay is f at its end)."""
+    c = log_alpha.shape[-1]
+    rank = q.shape[-2] // c
+    lead = q.shape[:-2]
+
+    def per_row(x):  # ... C c -> ... C (c r) 1: a token's factor on each of its rank rows
+        return (mx.repeat(x, rank, axis=-1) if rank > 1 else x)[..., None]
+
+    def rank_sum(x):  # ... C (c r) -> ... C c
+        return x.reshape(*lead, c, rank).sum(axis=-1) if rank > 1 else x
+
+    decay, mix, to_end, from_start = chunk_gates(log_alpha, weight, diag_weight)
+    # The chunk states and the states entering each chunk, again (forward steps 2 and 3).
+    v_end = v * per_row(to_end)
+    chunk_states = v_end.swapaxes(-1, -2) @ k  # ... C p n
+    chunk_decay = from_start[..., -1, None, None]
+    entering, final = carry_states(chunk_decay, chunk_states, start_state)
+    # 4. Reading the entering states.
+    dy_entering = dy @ entering  # ... C (c r) n
+    dq_read = dy_entering * per_row(from_start)
+    d_from_start = rank_sum((dy_entering * q).sum(axis=-1))
+    d_entering = (dy * per_row(from_start)).swapaxes(-1, -2) @ q  # ... C p n
+    # 3. The carry, run backwards.
+    d_chunk_decay, d_chunk_states, d_start = _carry_states_vjp((chunk_decay, chunk_states, start_state),
+                                                               (d_entering, d_final), (entering, final))
+    # 2. The chunk states.
+    dk_state = v_end @ d_chunk_states
+    dv_end = k @ d_chunk_states.swapaxes(-1, -2)  # ... C (c r) p
+    dv_state = dv_end * per_row(to_end)
+    d_to_end = rank_sum((dv_end * v).sum(axis=-1))
+    # 1. Inside the chunks.
+    scores = q @ k.swapaxes(-1, -2)  # ... C (c r) (c r)
+    dv = dv_state + rank_mix(scores, mix).swapaxes(-1, -2) @ dy
+    d_mixed = dy @ v.swapaxes(-1, -2)
+    d_mix = d_mixed * scores
+    if rank > 1:
+        d_mix = d_mix.reshape(*lead, c, rank, c, rank).sum(axis=(-3, -1))  # ... C c c
+    d_scores = rank_mix(d_mixed, mix)
+    dq = dq_read + d_scores @ k
+    dk = dk_state + d_scores.swapaxes(-1, -2) @ q
+    # The gates: mix = L w below the diagonal, gamma on it; to_end = L[end] w; the chunk decay = f at the end.
+    idx = mx.arange(c)
+    d_mix_below = mx.where(idx[:, None] > idx[None, :], d_mix, 0.0)
+    d_diag_weight = mx.diagonal(d_mix, axis1=-2, axis2=-1)
+    d_weight = (d_mix_below * decay).sum(axis=-2) + d_to_end * decay[..., -1, :]
+    is_last = idx == c - 1
+    d_decay = d_mix_below * weight[..., None, :] + mx.where(is_last[:, None], (d_to_end * weight)[..., None, :], 0.0)
+    d_from_start = d_from_start + mx.where(is_last, d_chunk_decay[..., 0], 0.0)
+    d_log_alpha = _decay_matrix_vjp(log_alpha, d_decay, decay) + mx.cumsum(d_from_start * from_start, axis=-1,
+                                                                          reverse=True)
+    return d_log_alpha, d_weight, d_diag_weight, dq, dk, dv, d_start
+
+
+gated_chunked_scan.vjp(_gated_chunked_scan_vjp)
+
+
+@hand_written_gradient((2, 3, 5, 2, 4), (2, 3, 5, 4), (2, 3, 5, 4))
+def lean_rotate(x, cos, sin):
+    """rotate, with a gradient that keeps only the output (the scan keeps it anyway): x is rebuilt from it (autodiff
+    kept x and its pair-swapped copy, for q and for k)."""
+    return rotate(x, cos, sin)
+
+
+def _lean_rotate_vjp(primals, d_out, out):
+    _, cos, sin = primals
+    return in_head_groups(_lean_rotate_backward, [out, cos, sin, d_out], [1, 1, 1, 1], [1, 1, 1])
+
+
+def _lean_rotate_backward(out, cos, sin, d_out):
+    """Per pair out = M x, M = [[c0, s0], [s1, c1]] (a rotation: c0 = c1, s0 = -s1): dx = M^T d_out, and x = M^-1 out
+    = (swap(cos) out - sin swap(out)) / (c0 c1 - s0 s1), the denominator 1 for true angles, any value in the check."""
+    mimo = out.ndim > cos.ndim  # the ranks share the token's angle
+    if mimo:
+        cos, sin = cos[..., None, :], sin[..., None, :]
+    x = (swap_pairs(cos) * out - sin * swap_pairs(out)) / (cos * swap_pairs(cos) - sin * swap_pairs(sin))
+    d_x = d_out * cos + swap_pairs(d_out * sin)
+    d_cos, d_sin = d_out * x, d_out * swap_pairs(x)
+    if mimo:
+        d_cos, d_sin = d_cos.sum(axis=-2), d_sin.sum(axis=-2)
+    return d_x, d_cos, d_sin
+
+
+lean_rotate.vjp(_lean_rotate_vjp)
+
+
+@hand_written_gradient((2, 3, 5, 2, 4), (2, 3, 5, 2, 4), (2, 3, 5, 4), (3,), (3, 2, 4), (3, 2, 4))
+def mimo_gate_down(y, v, z, D, mimo_z, mimo_o):
+    """MIMO's last step: sum_i (y_i + D v_i) * silu(z * mimo_z[i]) * mimo_o[i] over the ranks i; y, v `b h l r p`,
+    z `b h l p`, D `h`, mimo_z, mimo_o `h r p` -> `b h l p`. Its gradient keeps only the inputs (autodiff kept
+    y + D v, the gate's input, its sigmoid, the gate and the gated y: five arrays of the size of y)."""
+    u = y + D[:, None, None, None] * v
+    gate_in = z[:, :, :, None] * mimo_z[:, None]
+    return (u * (gate_in * sigmoid(gate_in)) * mimo_o[:, None]).sum(axis=3)
+
+
+def _mimo_gate_down_vjp(primals, d_out, out):
+    return in_head_groups(_mimo_gate_down_backward, [*primals, d_out], [1, 1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0])
+
+
+def _mimo_gate_down_backward(y, v, z, D, mimo_z, mimo_o, d_out):
+    """With u = y + D v, g = z mimo_z, s = sigmoid(g): d(silu g) = s (1 + g (1 - s)) dg, the rest products."""
+    u = y + D[:, None, None, None] * v
+    gate_in = z[:, :, :, None] * mimo_z[:, None]
+    s = sigmoid(gate_in)
+    gate = gate_in * s
+    d_gated = d_out[:, :, :, None] * mimo_o[:, None]  # b h l r p
+    d_mimo_o = (d_out[:, :, :, None] * u * gate).sum(axis=(0, 2))
+    du = d_gated * gate
+    d_gate_in = d_gated * u * s * (1 + gate_in * (1 - s))
+    d_z = (d_gate_in * mimo_z[:, None]).sum(axis=3)
+    d_mimo_z = (d_gate_in * z[:, :, :, None]).sum(axis=(0, 2))
+    d_D = (du * v).sum(axis=(0, 2, 3, 4))
+    return du, du * D[:, None, None, None], d_z, d_D, d_mimo_z, d_mimo_o
+
+
+mimo_gate_down.vjp(_mimo_gate_down_vjp)
 
 
 @hand_written_gradient((2, 9, 3), (4, 3), (3,))

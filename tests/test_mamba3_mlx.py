@@ -185,10 +185,12 @@ def test_initial_states_continue_a_sequence(mimo):
     assert_states_close(end_state, full_state)
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("mimo,rank,l,g,chunk", [(False, None, 13, 2, 4), (False, None, 33, 1, 8), (True, 1, 13, 2, 4),
                                                   (True, 2, 13, 2, 4), (True, 4, 13, 1, 4), (True, 4, 21, 2, 8)])
-def test_gradients_match_recurrence(mimo, rank, l, g, chunk):
-    """d(loss)/d(every input, parameter and initial state) of the chunked scan equals that of the recurrence."""
+def test_gradients_match_recurrence(mimo, rank, l, g, chunk, lean):
+    """d(loss)/d(every input, parameter and initial state) of the chunked scan equals that of the recurrence, by
+    autodiff and by the hand-written gradients of lean_backward."""
     b, h, n, p, a = 2, 4, 8, 4, 2
     inputs = random_inputs(b, l, h, g, n, p, a, rank=rank, seed=21)
     start = random_state(b, h, n, p, a, rank=rank)
@@ -206,12 +208,17 @@ def test_gradients_match_recurrence(mimo, rank, l, g, chunk):
 
     def chunked(args):
         ins, st = args
-        return loss_of(*scan(ins, mimo, initial_states=st, chunk_size=chunk))
+        return loss_of(*scan(ins, mimo, initial_states=st, chunk_size=chunk, lean_backward=lean))
 
     def recurrent(args):
         ins, st = args
         return loss_of(*run_steps(ins, mimo, state=st))
 
+    if lean:  # the lean path's own forward (MIMO's last step is written once more)
+        out, state = scan(inputs, mimo, initial_states=start, chunk_size=chunk, lean_backward=True)
+        ref_out, ref_state = run_steps(inputs, mimo, state=start)
+        assert_close(out, ref_out, what="output")
+        assert_states_close(state, ref_state)
     grads = mx.grad(chunked)((inputs, start))
     ref_grads = mx.grad(recurrent)((inputs, start))
     for name in inputs:
@@ -219,6 +226,39 @@ def test_gradients_match_recurrence(mimo, rank, l, g, chunk):
         assert mx.max(mx.abs(ref_grads[0][name])).item() > 0, f"d/d{name} is zero: the test would not see a bug"
     for i, name in enumerate(("angle", "ssm", "k", "v")):
         assert_close(grads[1][i], ref_grads[1][i], tol=5e-5, what=f"d/d initial {name}")
+
+
+@pytest.mark.parametrize("rank,l,chunk,start", [(1, 64, 16, False), (1, 37, 16, True), (4, 32, 8, False),
+                                                (4, 29, 8, True), (2, 5, 8, True)])
+def test_hand_written_scan_gradient_matches_autodiff(rank, l, chunk, start):
+    """gated_chunked_scan's hand-written backward against autodiff of the same forward (chunked_scan): SISO
+    (rank 1) and MIMO, lengths padded to the chunk the way mamba3_scan pads them (zero decay and weight), and a
+    non-zero start state."""
+    b, h, n, p = 2, 3, 8, 4
+    mx.random.seed(rank * 100 + l)
+    R = mx.random
+    q, k = R.normal((b, h, l, rank, n)), R.normal((b, h, l, rank, n))
+    v = R.normal((b, h, l, rank, p))
+    gates = [-R.uniform(shape=(b, h, l)), R.uniform(0.01, 0.6, (b, h, l)), R.uniform(0.01, 0.6, (b, h, l))]
+    start_state = R.normal((b, h, p, n)) if start else mx.zeros((b, h, p, n))
+    chunked = [m.to_chunks(t, chunk, 2) for t in (q, k, v)]
+    q, k, v = (t.reshape(*t.shape[:3], -1, t.shape[-1]) for t in chunked)  # b h C (c r) n|p
+    log_alpha, weight, diag_weight = (m.to_chunks(t, chunk, 2) for t in gates)
+    inputs = [log_alpha, weight, diag_weight, q, k, v, start_state]
+    outputs = m.gated_chunked_scan(*inputs)
+    cotangents = [R.normal(o.shape) for o in outputs]
+
+    def autodiff(log_alpha, weight, diag_weight, q, k, v, start_state):
+        return m.chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state)
+
+    _, by_hand = mx.vjp(m.gated_chunked_scan, inputs, cotangents)
+    _, ref = mx.vjp(autodiff, inputs, cotangents)
+    names = ("log_alpha", "weight", "diag_weight", "q", "k", "v", "start_state")
+    for name, g, r in zip(names, by_hand, ref):
+        assert g.shape == r.shape, name
+        scale = mx.max(mx.abs(r)).item()
+        assert scale > 0, f"d/d{name} is zero: the test would not see a bug"
+        assert max_err(g, r) <= 1e-5 * scale, f"d/d{name}: relative error {max_err(g, r) / scale:.1e}"
 
 
 def test_strong_decay_stays_finite_and_exact():
