@@ -611,7 +611,7 @@ class MambaLM(nn.Module):
             if cache is not None:
                 x, cache[i] = layer(x, cache[i])
             elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x
-                x = nn.utils.checkpoint(layer, layer.output_only)(x)
+                x = checkpoint_block(layer, layer.output_only)(x)
             else:
                 x = layer(x)[0]
         x = self.norm_f(x).astype(self.compute_dtype)
@@ -1258,6 +1258,47 @@ def _causal_conv1d_vjp(primals, d_out, out):
 
 
 causal_conv1d.vjp(_causal_conv1d_vjp)
+
+
+def checkpoint_block(module, fn):
+    """nn.utils.checkpoint(module, fn) (keep the block's input, recompute the rest in the backward pass), ordered for
+    memory. Nothing in the graph makes MLX compute a block's weight gradients before the blocks below run their
+    backward, and with nn.utils.checkpoint it did so after all of them, keeping every block's activation-sized inputs
+    to those gradients alive (default MIMO model: +240 MB per block per 2048-token row, measured). Here the
+    recomputation waits for the output's cotangent, and the input's cotangent for the weight gradients: one block's
+    activations live at a time. Same gradients. fn(x) may return a tree of arrays and None (the hybrid's MoE stats)."""
+    layout = {}
+
+    def forward(weights, x):  # -> the leaves of fn(x) that are arrays
+        module.update(weights)
+        leaves = tree_flatten(fn(x))
+        layout["keys"] = [(key, leaf is None) for key, leaf in leaves]
+        return [leaf for _, leaf in leaves if leaf is not None]
+
+    recomputed = mx.custom_function(forward)
+
+    def backward(primals, cotangents, outputs):
+        weights, x = primals
+        names, arrays = zip(*tree_flatten(weights))
+        wanted = [i for i, o in enumerate(outputs) if mx.issubdtype(o.dtype, mx.floating)]  # not the integer counts
+        arrays = mx.depends([*arrays, x], [cotangents[i] for i in wanted])  # recompute when the backward gets here
+
+        def differentiable(*arrays):
+            outs = forward(tree_unflatten(list(zip(names, arrays[:-1]))), arrays[-1])
+            return [outs[i] for i in wanted]
+
+        _, grads = mx.vjp(differentiable, arrays, [cotangents[i] for i in wanted])
+        module.update(weights)  # the module's own weights again, not the recomputation's
+        dx = mx.depends([grads[-1]], grads[:-1])[0]  # the weight gradients are done before the block below starts
+        return tree_unflatten(list(zip(names, grads[:-1]))), dx
+
+    recomputed.vjp(backward)
+
+    def call(x):
+        leaves = iter(recomputed(module.trainable_parameters(), x))
+        return tree_unflatten([(key, None if is_none else next(leaves)) for key, is_none in layout["keys"]])
+
+    return call
 
 
 # =====================================================================================================================
