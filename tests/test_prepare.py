@@ -292,6 +292,20 @@ def test_evaluate_bpb_is_deterministic_and_matches_a_numpy_reference(prepared_ca
     assert score == pytest.approx(expected, rel=1e-5)
 
 
+def test_cpu_scoring_matches_the_native_logsumexp(prepared_cache):
+    """The CPU branch (numpy takes the exps) and the GPU branch (mx.logsumexp in the graph), run here on the CPU."""
+    import mlx.core as mx
+
+    left, right = low_rank_logits(seed=2)
+    left_mx, right_mx = mx.array(3 * left), mx.array(right)  # a wide spread of logits
+    model = lambda ids: left_mx[ids] @ right_mx  # noqa: E731
+    rows = prepare.load_val_rows()[:8].astype(np.int32)
+    by_numpy = prepare._mlx_token_losses(model, on_gpu=False)(model, rows[:, :-1], rows[:, 1:])
+    native = prepare._mlx_token_losses(model, on_gpu=True)(model, rows[:, :-1], rows[:, 1:])
+    assert by_numpy.shape == native.shape == rows[:, 1:].shape
+    np.testing.assert_allclose(by_numpy, native, rtol=1e-6, atol=1e-5)
+
+
 def test_evaluate_bpb_mlx_and_torch_agree(prepared_cache):
     torch = pytest.importorskip("torch", reason="the torch extra is not installed (uv sync --extra torch)")
     import mlx.core as mx
