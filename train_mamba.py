@@ -121,26 +121,30 @@ def segsum(a):
     return sums.masked_fill(~on_or_below, float("-inf"))
 
 
-def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_state=None):
+def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_state=None, own_weight=None):
     """The linear recurrence under every block, per head, with a rank axis for MIMO (r = 1 otherwise):
 
         S_t = exp(log_decay_t) S_{t-1} + weight_t sum_j v_{t,j} k_{t,j}^T        (S is p x n, S_{-1} = initial)
-        y_{t,i} = S_t q_{t,i}
+        y_{t,i} = S_t q_{t,i}  -  (weight_t - own_weight_t) sum_j (q_{t,i} . k_{t,j}) v_{t,j}
 
-    q, k (b, l, r, g, n): the h/g heads of a group share them; v (b, l, r, h, p); log_decay, weight (b, l, h) (weight
-    None = 1); initial_state (b, h, p, n) or None. Returns y (b, l, r, h, p) and the final state (b, h, p, n) float32.
+    that is, a token's input reaches its own output with own_weight instead of weight (Mamba-3's shifted state needs
+    this; own_weight None = weight). q, k (b, l, r, g, n): the h/g heads of a group share them; v (b, l, r, h, p);
+    log_decay, weight, own_weight (b, l, h) (weight None = 1); initial_state (b, h, p, n) or None. Returns
+    y (b, l, r, h, p) and the final state (b, h, p, n) float32.
     """
     b, l, r, g, n = q.shape
     h, p = v.shape[-2:]
     e = h // g  # heads per group
     Q = chunk_size
     acc = accumulation_dtype(v.dtype)
-    if weight is not None:
-        v = v * weight[:, :, None, :, None].to(v.dtype)  # fold the per-token input weight into the values
+    if weight is None:
+        weight = torch.ones_like(log_decay, dtype=acc)
+    if own_weight is None:
+        own_weight = weight
     pad = -l % Q
     if pad:  # zero tokens at the end: decay exp(0) = 1 and no input, so the state passes through unchanged
         q, k, v = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (q, k, v))
-        log_decay = F.pad(log_decay, (0, 0, 0, pad))
+        log_decay, weight, own_weight = (F.pad(t, (0, 0, 0, pad)) for t in (log_decay, weight, own_weight))
     c = (l + pad) // Q
     # Layout: (batch, group, chunk) in front so that every contraction is a batched matmul. Ranks ride along with time
     # inside a chunk (Q*r rows); the heads of a group ride along with p (e*p columns) where the matmul is shared.
@@ -149,17 +153,21 @@ def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_stat
     v = v.reshape(b, c, Q, r, g, e, p).permute(0, 4, 1, 2, 3, 5, 6)  # (b, g, c, Q, r, e, p)
     a = log_decay.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # (b, g, e, c, Q)
     a_cum = a.cumsum(dim=-1)  # log decay from the chunk start to each token
+    # The input weights ride on the small (Q x Q) decay matrices and the end-of-chunk decays, never on a copy of v
+    w, w_own = (t.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2) for t in (weight, own_weight))  # (b,g,e,c,Q)
 
-    # 1. Within each chunk: y[t, i] += sum_{s <= t} exp(a[s+1] + ... + a[t]) (q[t, i] . k[s, j]) v[s, j]
+    # 1. Within each chunk: y[t, i] += sum_{s <= t} exp(a[s+1] + ... + a[t]) w[s] (q[t, i] . k[s, j]) v[s, j], with
+    #    w_own[t] in place of w[s] on the diagonal s = t
     scores = q @ k.transpose(-1, -2)  # (b, g, c, Qr, Qr): once per group
-    decay = torch.exp(segsum(a))  # (b, g, e, c, Q, Q): per head
+    diagonal = torch.eye(Q, dtype=torch.bool, device=q.device)
+    decay = torch.where(diagonal, w_own[..., :, None], torch.exp(segsum(a)) * w[..., None, :])  # (b,g,e,c,Q,Q)
     mixing = scores.view(b, g, 1, c, Q, r, Q, r) * decay.view(b, g, e, c, Q, 1, Q, 1)
     mixing = mixing.reshape(b, g, e, c, Q * r, Q * r).to(v.dtype)
     v_rows = v.permute(0, 1, 5, 2, 3, 4, 6).reshape(b, g, e, c, Q * r, p)
     y_within = (mixing @ v_rows).view(b, g, e, c, Q, r, p).permute(0, 1, 3, 4, 5, 2, 6)  # (b, g, c, Q, r, e, p)
 
     # 2. Each chunk's own end state: sum_s exp(a[s+1] + ... + a[end]) v[s, j] k[s, j]^T
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 1, 3, 4, 2)  # (b, g, c, Q, e)
+    decay_to_end = (torch.exp(a_cum[..., -1:] - a_cum) * w).permute(0, 1, 3, 4, 2)  # (b, g, c, Q, e)
     v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
     chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
 
@@ -221,9 +229,10 @@ def ssd_step(X, A, B, C, state):
 # Chunked form (derived from the step form, proven against it by the tests). With sigma_t = (1 - lam_t) DT_t (so
 # beta_t = alpha_t sigma_t), the shifted state S'_t = S_t + sigma_{t+1} sum_i v_{t,i} k~_{t,i}^T obeys the plain
 # decayed recurrence S'_t = alpha_t S'_{t-1} + w_t sum_i v_{t,i} k~_{t,i}^T with weight w_t = gamma_t + sigma_{t+1},
-# and S_t q = S'_t q - sigma_{t+1} sum_j (q . k~_{t,j}) v_{t,j}. So the scan is decayed_chunk_scan with weight w,
-# minus that diagonal term, plus D v. A carried (k~, x) enters as S'_{-1} = S_{-1} + sigma_0 sum_i v_{-1,i} k~_{-1,i}^T;
-# after the last token sigma = 0 (the next token is unknown), so the final S' is the true final state.
+# and S_t q = S'_t q - sigma_{t+1} sum_j (q . k~_{t,j}) v_{t,j}. So the scan is decayed_chunk_scan with weight w and
+# own weight w_t - sigma_{t+1} = gamma_t, plus D v. A carried (k~, x) enters as
+# S'_{-1} = S_{-1} + sigma_0 sum_i v_{-1,i} k~_{-1,i}^T; after the last token sigma = 0 (the next token is unknown),
+# so the final S' is the true final state.
 
 
 def rotate_pairs(x, theta):
@@ -283,13 +292,10 @@ def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_s
         carried = torch.einsum("brhp,brhn->bhpn", up(x_prev).to(acc), k_prev.to(acc))
         start_state = S_prev.to(acc) + sigma[:, 0, :, None, None] * carried
 
-    o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state)
-    # The shifted term must not reach its own token: remove sigma_{t+1} sum_j (q~_{t,i} . k~_{t,j}) v_{t,j}.
-    # (broadcast products and sums rather than einsum: r x r per token would be a huge batch of tiny matmuls on a GPU,
-    # while element-wise work fuses into one kernel under torch.compile)
-    qk = (q[:, :, :, None] * k[:, :, None]).sum(dim=-1)  # (b, l, r_i, r_j, h)
-    own = (qk[..., None].to(v.dtype) * v[:, :, None]).sum(dim=3)  # (b, l, r_i, h, p)
-    o = o - sigma_next.to(o.dtype)[:, :, None, :, None] * own
+    # The shifted term must not reach its own token: there the weight is gamma_t, not gamma_t + sigma_{t+1} (applied
+    # inside the chunk's decay matrix, so no (q~ . k~) v tensor of r x r per token is ever formed).
+    o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state,
+                                    own_weight=gamma)
     if D is not None:
         o = o + D.to(o.dtype)[:, None] * v
     if mimo is None:
