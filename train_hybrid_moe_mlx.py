@@ -647,9 +647,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k = mx.concatenate([cache[0].astype(k.dtype), k], axis=2)
             v = mx.concatenate([cache[1].astype(v.dtype), v], axis=2)
-        # The kernel shares each key/value head with its group of query heads, and its "causal" mask aligns the l
-        # queries with the last l keys, so queries after a cache see all of it. One query needs no mask.
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask="causal" if l > 1 else None)
+        y = causal_attention(q, k, v, self.head_dim**-0.5)  # each key/value head serves its group of query heads
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, l, q_dim)), (k, v)
 
     def attention_flops_per_token(self, seq_len):
@@ -661,10 +659,10 @@ class CausalSelfAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Mixture of experts (the 'E' block). A router scores the experts for each token (softmax over NUM_EXPERTS), the token
 # goes to its TOP_K best, and their outputs are mixed with the router probabilities renormalised over those k. Only the
-# chosen experts run: the (token, expert) pairs are sorted by expert and each row is multiplied by its own expert's
-# matrix with mx.gather_mm, so the cost follows tokens * TOP_K whatever NUM_EXPERTS is. A Switch-Transformer
-# load-balancing loss, E * sum_i f_i P_i (f_i: share of routed slots sent to expert i, P_i: mean router probability of
-# expert i), pushes the router towards an even load; it is 1.0 when routing is uniform.
+# chosen experts run: the (token, expert) pairs are sorted by expert and mx.gather_mm multiplies each group of rows by
+# its expert's matrix (expert_groups, at the end of the file), so the cost follows tokens * TOP_K whatever NUM_EXPERTS
+# is. A Switch-Transformer load-balancing loss, E * sum_i f_i P_i (f_i: share of routed slots sent to expert i, P_i:
+# mean router probability of expert i), pushes the router towards an even load; it is 1.0 when routing is uniform.
 
 
 def route(router_logits, top_k):
@@ -687,7 +685,7 @@ def route(router_logits, top_k):
 
 class RoutedExperts(nn.Module):
     """num_experts SwiGLU experts (the GatedMLP form: fc2(h * silu(gate)), [h | gate] = fc1(x)) with their weights
-    stacked on a leading expert axis and stored [in, out], so mx.gather_mm multiplies each row by its own expert's
+    stacked on a leading expert axis and stored [in, out], so mx.gather_mm multiplies each group of rows by its expert's
     matrix with no transpose. Init as nn.Linear's default, per expert: uniform(+-1/sqrt(fan_in))."""
 
     def __init__(self, num_experts, d_model, hidden):
@@ -696,17 +694,18 @@ class RoutedExperts(nn.Module):
         self.fc1 = mx.random.uniform(-bound_in, bound_in, (num_experts, d_model, 2 * hidden))
         self.fc2 = mx.random.uniform(-bound_hidden, bound_hidden, (num_experts, hidden, d_model))
 
-    def __call__(self, rows, expert_ids, ids_sorted=False):
-        """rows [R, d_model], expert_ids [R] -> [R, d_model], row r through expert expert_ids[r] only.
-        ids_sorted: expert_ids ascending, which lets gather_mm walk each expert's rows in one run."""
+    def __call__(self, tokens, chosen):
+        """tokens [N, d_model], chosen [N, k] expert ids -> [N, k, d_model]: token n through each of its k experts."""
         # MLX's CPU gather_mm takes float32 only (bf16 raises "[GatherMM::eval] Currently only supports float32"), so
         # the GPU branch with bf16 rows cannot run on a CPU; the CPU tests run float32, where both branches agree.
-        dtype = mx.float32 if ON_CPU else rows.dtype
-        x = rows.astype(dtype)[:, None, :]  # each row is a 1 x d_model matrix
-        h, gate = mx.split(mx.gather_mm(x, self.fc1.astype(dtype), rhs_indices=expert_ids,
-                                        sorted_indices=ids_sorted), 2, axis=-1)
-        y = mx.gather_mm(h * silu(gate), self.fc2.astype(dtype), rhs_indices=expert_ids, sorted_indices=ids_sorted)
-        return y[:, 0, :].astype(rows.dtype)
+        dtype = mx.float32 if ON_CPU else tokens.dtype
+        num_experts, d_model, _ = self.fc1.shape
+        slot_of_row, row_of_slot, group_experts = expert_groups(chosen.reshape(-1), num_experts)
+        x = tokens.astype(dtype)[slot_of_row // chosen.shape[1]].reshape(group_experts.size, -1, d_model)
+        h, gate = mx.split(mx.gather_mm(x, self.fc1.astype(dtype), rhs_indices=group_experts, sorted_indices=True),
+                           2, axis=-1)
+        y = mx.gather_mm(h * silu(gate), self.fc2.astype(dtype), rhs_indices=group_experts, sorted_indices=True)
+        return y.reshape(-1, d_model)[row_of_slot].reshape(*chosen.shape, d_model).astype(tokens.dtype)
 
 
 class MoE(nn.Module):
@@ -723,12 +722,7 @@ class MoE(nn.Module):
         d_model = x.shape[-1]
         tokens = x.reshape(-1, d_model)
         chosen, weights, balance_loss, counts = route(self.router(tokens), self.top_k)
-        # One row per routed (token, slot) pair, sorted by expert: sorted row i is flat slot order[i], which belongs to
-        # token order[i] // k.
-        slot_experts = chosen.reshape(-1)
-        order = mx.argsort(slot_experts)
-        expert_out = self.experts(tokens[order // self.top_k], slot_experts[order], ids_sorted=True)
-        slot_out = expert_out[mx.argsort(order)].reshape(-1, self.top_k, d_model)  # unsort: back to (token, slot)
+        slot_out = self.experts(tokens, chosen)
         y = (slot_out * weights[..., None].astype(slot_out.dtype)).sum(axis=1)
         if "shared_expert" in self:
             y = y + self.shared_expert(tokens)
@@ -1602,6 +1596,66 @@ def checkpoint_block(module, fn):
 # =====================================================================================================================
 # END SECTION: Speed machinery
 # =====================================================================================================================
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU layouts of the hybrid's attention and routed experts (this script only; the agent's reading stops above).
+#
+# Attention: MLX's CPU scaled_dot_product_attention builds the whole l x l score matrix and its softmax (exp at ~17 ns
+# per element on that backend), the masked half included. On the CPU, causal_attention takes the queries in blocks of
+# ATTENTION_QUERY_BLOCK_CPU, each against the keys up to its last query only, with the polynomial exp: 95 -> 38 ms for
+# 4 rows x 512 tokens x 4 heads of 64 (measured, Linux CPU + MKL). A GPU keeps the fused kernel.
+#
+# Experts: mx.gather_mm multiplies a stack of matrices, each by the expert its index names. Rows of one (token, slot)
+# pair each are what a GPU kernel wants; MLX's CPU backend runs one small product per matrix, and 4,096 one-row
+# products (d_model 192, 512 outputs) took 45 ms where 64-row groups of the same rows took 13 ms (measured). So on the
+# CPU an expert's rows go in groups of EXPERT_GROUP_ROWS_CPU, its last group filled up with copies of a real row whose
+# outputs are never read back (their gradients are zero).
+ATTENTION_QUERY_BLOCK_CPU = 64
+
+
+def causal_attention(q, k, v, scale):
+    """q [b heads l d], k and v [b kv_heads past + l d] (the l queries are the last l positions; kv_heads divides
+    heads) -> softmax(q k^T * scale, causal) v, [b heads l d]."""
+    b, heads, l, d = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    if not ON_CPU or l == 1 or keys != l:  # the fused kernel's "causal" aligns the queries with the last l keys
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if l > 1 else None)
+    group = heads // kv_heads
+    q = (q * scale).reshape(b, kv_heads, group, l, d)
+    blocks = []
+    for start in range(0, l, ATTENTION_QUERY_BLOCK_CPU):
+        end = min(start + ATTENTION_QUERY_BLOCK_CPU, l)
+        scores = q[:, :, :, start:end].reshape(b, kv_heads, -1, d) @ k[:, :, :end].swapaxes(-1, -2)
+        scores = scores.reshape(b, kv_heads, group, end - start, end)
+        scores = mx.where(mx.arange(start, end)[:, None] >= mx.arange(end), scores, -mx.inf)
+        weights = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        blocks.append((weights.reshape(b, kv_heads, -1, end) @ v[:, :, :end]).reshape(b, kv_heads, group, -1, d))
+    return mx.concatenate(blocks, axis=3).reshape(b, heads, l, d)
+
+
+EXPERT_GROUP_ROWS_CPU = 64
+
+
+def expert_groups(slot_experts, num_experts, group_rows=None):
+    """slot_experts [R], the expert of each routed (token, slot) pair -> (slot_of_row [G * group_rows], the pair each
+    row holds; row_of_slot [R], the row holding each pair; group_experts [G], each group's expert, ascending). The
+    rows are the pairs sorted by expert, each expert's padded to whole groups; G is the most groups any routing can
+    need, so a compiled step keeps its shapes (groups past the last hold filler only)."""
+    group_rows = group_rows or (EXPERT_GROUP_ROWS_CPU if ON_CPU else 1)
+    order = mx.argsort(slot_experts)  # sorted pair i is pair order[i]
+    counts = (slot_experts[:, None] == mx.arange(num_experts, dtype=slot_experts.dtype)).sum(axis=0)
+    padded = (counts + group_rows - 1) // group_rows * group_rows
+    first_row = mx.cumsum(padded) - padded  # each expert's first row
+    filler_before = first_row - (mx.cumsum(counts) - counts)  # filler rows ahead of each expert's first row
+    row_of_slot = (mx.arange(slot_experts.size) + filler_before[slot_experts[order]])[mx.argsort(order)]
+    num_groups = (slot_experts.size + num_experts * (group_rows - 1)) // group_rows
+    group_start = mx.arange(num_groups) * group_rows
+    group_experts = (mx.cumsum(padded)[None] <= group_start[:, None]).sum(axis=1)  # experts that end before it
+    group_experts = mx.minimum(group_experts, num_experts - 1).astype(slot_experts.dtype)
+    row, row_expert = mx.arange(num_groups * group_rows), mx.repeat(group_experts, group_rows)
+    real = row < (first_row + counts)[row_expert]
+    return order[mx.where(real, row - filler_before[row_expert], 0)], row_of_slot, group_experts
 
 if __name__ == "__main__":
     prepare.run(main)

@@ -79,8 +79,9 @@ WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
 CHECKPOINT_BLOCKS = True  # training keeps only each block's input and recomputes the block in the backward pass:
-# eager float32 on the CPU, per 1,024 tokens of the default model: SISO 2.1 -> 1.1 GB, MIMO 7.2 -> 4.2 GB (measured,
-# peak RSS), for one more forward of every block; the cpu and local presets turn it off.
+# the live tensors of one eager float32 step of the default model on one 2048-token row, SISO 2.7 -> 0.8 GB, MIMO
+# 8.0 -> 1.6 GB (bench/bench_mamba_torch.py --only memory), for one more forward of every block; the cpu and local
+# presets turn it off.
 SEED = 42
 
 # PyTorch runtime

@@ -6,8 +6,10 @@ Throughput benchmark of train_hybrid_moe_mlx.py (a script, not a test). Measures
      full-size default (pattern MEM*EME, d_model 512, 8 experts; batch 1 x 2048 here, to keep a CPU run short);
   2. the MoE layer alone (forward + backward) as the expert count grows at fixed top-k: routed dispatch (only the
      chosen experts run) against a dense all-experts reference. Routed cost should stay flat in the expert count.
+  3. the CPU layouts at the end of the script (causal attention by query blocks, routed experts in row groups)
+     against MLX's own kernels, one layer each at the cpu preset's width.
 
-Run: `uv run bench/bench_hybrid_mlx.py [--only step,moe] [--steps 3] [--rounds 5] [--mamba-type mamba-2]`.
+Run: `uv run bench/bench_hybrid_mlx.py [--only step,moe,layouts] [--steps 3] [--rounds 5] [--mamba-type mamba-2]`.
 With --against FILE (another copy of the script, e.g. `git show main:train_hybrid_moe_mlx.py > /tmp/base.py`), each
 training-step configuration runs in both versions, steps interleaved, with the ratio new / base.
 Timings on a shared machine are noisy: compare the figures printed side by side in one run (the MoE sizes are timed
@@ -140,9 +142,54 @@ def bench_moe(args):
               f"dense all-experts {1000 * dense:7.1f} ms ({dense / routed:4.1f}x routed)")
 
 
+def bench_layouts(args):
+    """The CPU layouts at the end of the script against MLX's own kernels, one layer each, compiled, interleaved:
+    causal attention by query blocks with the polynomial exp against mx.fast.scaled_dot_product_attention, and the
+    routed experts in row groups against one row per gather_mm matrix (EXPERT_GROUP_ROWS_CPU = 1). ON_CPU is set for
+    each case, so on a GPU this compares the same layouts there."""
+    tokens, seq_len, d_model = args.moe_tokens, 512, args.layout_d_model
+    print(f"\n== CPU layouts, one layer, {tokens // seq_len} x {seq_len} tokens, d_model {d_model}; forward and "
+          f"forward+backward, compiled; best of {args.rounds} interleaved rounds ==")
+    mx.random.seed(0)
+    x = mx.random.normal((tokens // seq_len, seq_len, d_model))
+    fields = dict(d_model=d_model, num_attention_heads=4, num_kv_heads=2, attn_head_dim=64, num_experts=4, top_k=2,
+                  expert_hidden=256)
+    attention, moe = H.CausalSelfAttention(make_config(fields, "mamba-3")), H.MoE(make_config(fields, "mamba-3"))
+    mx.eval(attention.parameters(), moe.parameters())
+    settings = {  # name: (layer, the script's globals for the run)
+        "attention, fused kernel": (attention, dict(ON_CPU=False)),
+        "attention, query blocks": (attention, dict(ON_CPU=True)),
+        "experts, one-row matrices": (moe, dict(ON_CPU=True, EXPERT_GROUP_ROWS_CPU=1)),
+        "experts, 64-row groups": (moe, dict(ON_CPU=True, EXPERT_GROUP_ROWS_CPU=64)),
+    }
+    cases = {}
+    for name, (layer, overrides) in settings.items():
+        saved = {key: getattr(H, key) for key in overrides}
+        for key, value in overrides.items():  # mx.compile bakes the branch in when it traces, below
+            setattr(H, key, value)
+        forward = mx.compile(lambda x, layer=layer: layer(x)[0])
+        grad = mx.compile(nn.value_and_grad(layer, lambda x, layer=layer: (layer(x)[0] ** 2).sum()))
+        cases[name] = (lambda f=forward: mx.eval(f(x)), lambda g=grad: mx.eval(g(x)))
+        for run in cases[name]:
+            run()  # trace and compile with the overrides in place
+        for key, value in saved.items():
+            setattr(H, key, value)
+    best = {(name, kind): float("inf") for name in cases for kind in (0, 1)}
+    for _ in range(args.rounds):
+        for name, runs in cases.items():
+            for kind, run in enumerate(runs):
+                t0 = time.perf_counter()
+                run()
+                best[(name, kind)] = min(best[(name, kind)], time.perf_counter() - t0)
+    for name in cases:
+        forward, both = best[(name, 0)], best[(name, 1)]
+        print(f"{name:26s} forward {1000 * forward:6.1f} ms ({tokens / forward:8,.0f} tok/s)   "
+              f"forward+backward {1000 * both:6.1f} ms ({tokens / both:8,.0f} tok/s)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="step,moe", help="comma-separated: step,moe")
+    parser.add_argument("--only", default="step,moe,layouts", help="comma-separated: step,moe,layouts")
     parser.add_argument("--mamba-type", default="mamba-3", choices=["mamba-3", "mamba-2"])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
     parser.add_argument("--checkpoint-blocks", type=int, default=int(H.CHECKPOINT_BLOCKS),
@@ -154,10 +201,11 @@ def main():
     parser.add_argument("--moe-d-model", type=int, default=256)
     parser.add_argument("--moe-hidden", type=int, default=256)
     parser.add_argument("--moe-tokens", type=int, default=2048, help="tokens per MoE call (local micro-batch: 4 x 512)")
+    parser.add_argument("--layout-d-model", type=int, default=192, help="d_model of the layouts' layers (cpu preset)")
     args = parser.parse_args()
     blas = os.path.basename(prepare.FAST_BLAS or "bundled")
     print(f"device: {H.device_name()} ({mx.default_device()}), blas: {blas}")
-    sections = {"step": bench_step, "moe": bench_moe}
+    sections = {"step": bench_step, "moe": bench_moe, "layouts": bench_layouts}
     for name in args.only.split(","):
         sections[name.strip()](args)
 

@@ -6,11 +6,13 @@ Throughput benchmark of train_mamba.py, the PyTorch mirror (a script, not a test
      prepare.peak_flops: the datasheet bf16 peak on known GPUs, 989 TFLOP/s for an H100 SXM) and peak memory;
   2. scan: each scan alone, forward + backward at the model's shapes: the pure-PyTorch chunked scan (eager and
      compiled) and, where mamba_ssm imports, its fused kernel after the same start-up check the script runs;
-  3. with --profile, the CUDA kernels that take the most time in one training step of each variant.
+  3. with --profile, the CUDA kernels that take the most time in one training step of each variant;
+  4. memory (only when asked): the live-tensor peak of one eager training step, with and without block
+     checkpointing, from torch's MemTracker (the tensors themselves, on the CPU too, where RSS overstates them).
 
 Defaults: on CUDA the script's full-size configuration (depth 8, d_model 768, d_state 64, headdim 64, chunk 64,
 8 x 2048 tokens per pass, bf16 autocast); on CPU a small one so it finishes (depth 2, d_model 128, 2 x 256, float32).
-Run: `uv run --extra torch bench/bench_mamba_torch.py [--only step,scan] [--variants mamba-2,mamba-3] [--steps 10]
+Run: `uv run --extra torch bench/bench_mamba_torch.py [--only step,scan,memory] [--variants mamba-2,mamba-3] [--steps 10]
 [--no-compile] [--no-fused] [--profile] [--depth 8 --d-model 768 ...]`.
 """
 
@@ -171,10 +173,40 @@ def bench_scan(args, device):
                   f"(scan matmul FLOPs)", flush=True)
 
 
+def bench_memory(args, device):
+    """The live-tensor peak of one training step, checkpointed as the script's CHECKPOINT_BLOCKS and not: what every
+    tensor alive at once holds, counted by torch's MemTracker (a dispatch mode that follows each storage from its
+    allocation to its release) on any device. A process's peak RSS on the CPU also counts the allocator's one-time
+    growth; CUDA's max_memory_allocated counts the same tensors as this, plus the caching allocator's rounding."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tokens = args.batch * args.seq_len
+    print(f"\n== live-tensor peak of one training step (eager, the step's own optimizer), depth "
+          f"{args.depth}, d_model {args.d_model}, batch {args.batch} x {args.seq_len} ==")
+    for name in args.variants:
+        for checkpointed in (True, False):
+            config = make_config(args, checkpoint_blocks=checkpointed, **VARIANTS[name])
+            torch.manual_seed(0)
+            T.FUSED.clear()
+            model = T.MambaLM(config, args.dtype).to(device)
+            optimizer = T.make_optimizer(model, device)
+            step = T.make_training_step(model, optimizer, 1, device, compile_model=False)
+            batches = random_batches(args.batch, args.seq_len, config.vocab_size)
+            step(batches, 1.0)[0].item()  # the optimizer's state exists from here on
+            tracker = MemTracker()
+            tracker.track_external(model, *getattr(optimizer, "optimizers", (optimizer,)))
+            with tracker:
+                step(batches, 1.0)[0].item()
+            peak = tracker.get_tracker_snapshot("peak")[device]["Total"] / 2**20
+            print(f"{name:13s} checkpointed {str(checkpointed):5s} peak {peak:9,.0f} MiB  "
+                  f"({1024 * peak / tokens:6.1f} MiB per 1k tokens)", flush=True)
+            del model, optimizer, step
+
+
 def main():
     on_cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="step,scan", help="comma-separated: step,scan")
+    parser.add_argument("--only", default="step,scan", help="comma-separated: step,scan,memory")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     parser.add_argument("--depth", type=int, default=T.DEPTH if on_cuda else 2)
     parser.add_argument("--d-model", type=int, default=T.D_MODEL if on_cuda else 128)
@@ -211,6 +243,8 @@ def main():
         bench_step(args, device, peak_flops, peak_source)
     if "scan" in only:
         bench_scan(args, device)
+    if "memory" in only:
+        bench_memory(args, device)
 
 
 if __name__ == "__main__":

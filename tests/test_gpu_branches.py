@@ -1,5 +1,6 @@
 """The GPU branches of the MLX scripts, run on the CPU. Where ON_CPU is true the scripts take CPU fast paths (exp and
-cos/sin from polynomials, sigmoid and the cross-entropy's logsumexp through that exp); on a GPU, MLX's native ops.
+cos/sin from polynomials, sigmoid and the cross-entropy's logsumexp through that exp; in the hybrid, attention by
+query blocks and the routed experts in row groups); on a GPU, MLX's native ops and kernels.
 Each model here (Mamba-2, Mamba-3 SISO, Mamba-3 MIMO in train_mamba_3_mlx.py; hybrids with attention and MoE in
 train_hybrid_moe_mlx.py) trains a few steps in float32 with the script's own compiled step and AdamW, once with
 ON_CPU = True and once with ON_CPU = False, from the same weights on the same batches: the losses and the gradients

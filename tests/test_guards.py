@@ -118,7 +118,7 @@ def test_the_agents_reading_stays_under_80_kb():
         assert end is None or end in text, f"{name}: {end!r} is gone, and program.md points the agent to it"
         return len(text.split(end)[0] if end else text)
 
-    budgets = {"train_mamba_3_mlx.py": 80_000, "train_hybrid_moe_mlx.py": 91_000}  # the hybrid: a ratchet at 90.9 KB
+    budgets = {"train_mamba_3_mlx.py": 80_000, "train_hybrid_moe_mlx.py": 90_500}  # the hybrid: a ratchet at 90.5 KB
     for script, budget in budgets.items():
         sizes = {"program.md": read("program.md", None), script: read(script, b"# SECTION: Speed machinery"),
                  "prepare.py": read("prepare.py", b"# END OF THE CONTRACT")}

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import prepare  # noqa: F401  (before mlx)
 
 import mlx.core as mx
@@ -107,8 +108,32 @@ def dense_moe_reference(moe, x):
     return y.reshape(x.shape), balance_loss
 
 
+def test_expert_groups_lay_every_pair_out_once_under_its_expert():
+    """Random routings (skewed, some experts empty), group sizes 1 to 8: each (token, slot) pair sits in exactly one
+    row, that row's group belongs to the pair's expert, the groups ascend by expert, every filler row copies a real
+    pair (an index past the end would read garbage), and the row count is fixed by the pair and expert counts alone (a
+    compiled step must not change shape with the routing)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        num_experts, num_pairs, group_rows = int(rng.integers(1, 7)), int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        slot_experts = rng.choice(num_experts, size=num_pairs, p=rng.dirichlet(np.full(num_experts, 0.3)))
+        slot_of_row, row_of_slot, group_experts = (
+            np.array(a) for a in h.expert_groups(mx.array(slot_experts.astype(np.int32)), num_experts, group_rows))
+        case = (num_experts, num_pairs, group_rows, slot_experts.tolist())
+        assert group_experts.size == (num_pairs + num_experts * (group_rows - 1)) // group_rows, case
+        assert slot_of_row.size == group_experts.size * group_rows, case
+        assert np.all(np.diff(group_experts) >= 0), case
+        assert len(set(row_of_slot.tolist())) == num_pairs, case
+        assert np.all(slot_of_row[row_of_slot] == np.arange(num_pairs)), case
+        assert np.all((slot_of_row >= 0) & (slot_of_row < num_pairs)), case  # filler rows copy a real pair
+        assert np.all(group_experts[row_of_slot // group_rows] == slot_experts), case
+
+
+@pytest.mark.parametrize("group_rows", [1, 3, 64])
 @pytest.mark.parametrize("num_experts,top_k,shared", [(4, 2, 0), (4, 2, 12), (8, 1, 0), (5, 3, 0)])
-def test_moe_matches_dense_reference(num_experts, top_k, shared):
+def test_moe_matches_dense_reference(num_experts, top_k, shared, group_rows, monkeypatch):
+    """Every CPU row-group size (1: the GPU's layout) against all experts run on every token."""
+    monkeypatch.setattr(h, "EXPERT_GROUP_ROWS_CPU", group_rows)
     mx.random.seed(0)
     moe = h.MoE(tiny_config(d_model=16, num_experts=num_experts, top_k=top_k, expert_hidden=24,
                             shared_expert_hidden=shared))
@@ -179,12 +204,27 @@ def attention_reference(attn, x):
     return y @ attn.out_proj.weight.T
 
 
+@pytest.mark.parametrize("query_block", [4, 5, 64])  # 13 tokens: blocks that do and do not divide the row, one block
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
-def test_attention_matches_reference(heads, kv_heads):
+def test_attention_matches_reference(heads, kv_heads, query_block, monkeypatch):
+    """The CPU's blocked causal attention (by query block size) against a plain masked softmax: outputs and the
+    gradients of every weight and of the input."""
+    monkeypatch.setattr(h, "ATTENTION_QUERY_BLOCK_CPU", query_block)
     mx.random.seed(0)
     attn = h.CausalSelfAttention(tiny_config(num_attention_heads=heads, num_kv_heads=kv_heads, rope_theta=100.0))
     x = mx.random.normal((2, 13, 32))
     assert_close(attn(x)[0], attention_reference(attn, x), 1e-5, "attention")
+    probe = mx.random.normal((2, 13, 32))
+    def blocked(x):
+        return (attn(x)[0] * probe).sum()
+
+    def reference(x):
+        return (attention_reference(attn, x) * probe).sum()
+
+    grads_ref = dict(tree_flatten(nn.value_and_grad(attn, reference)(x)[1]))
+    for name, g in tree_flatten(nn.value_and_grad(attn, blocked)(x)[1]):
+        assert_close(g, grads_ref[name], 1e-4, f"gradient of {name}")
+    assert_close(mx.grad(blocked)(x), mx.grad(reference)(x), 1e-4, "input gradient")
 
 
 def test_attention_is_causal():
