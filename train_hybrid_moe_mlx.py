@@ -647,7 +647,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k = mx.concatenate([cache[0].astype(k.dtype), k], axis=2)
             v = mx.concatenate([cache[1].astype(v.dtype), v], axis=2)
-        y = causal_attention(q, k, v, self.head_dim**-0.5)  # each key/value head serves its group of query heads
+        y = causal_attention(q, k, v, self.head_dim**-0.5)  # (end of file) each key/value head serves its query group
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, l, q_dim)), (k, v)
 
     def attention_flops_per_token(self, seq_len):
