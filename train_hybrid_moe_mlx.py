@@ -1645,6 +1645,8 @@ def expert_groups(slot_experts, num_experts, group_rows=None):
     need, so a compiled step keeps its shapes (groups past the last hold filler only)."""
     group_rows = group_rows or (EXPERT_GROUP_ROWS_CPU if ON_CPU else 1)
     order = mx.argsort(slot_experts)  # sorted pair i is pair order[i]
+    if group_rows == 1:  # a GPU's layout: one row per pair, no filler
+        return order, mx.argsort(order), slot_experts[order]
     counts = (slot_experts[:, None] == mx.arange(num_experts, dtype=slot_experts.dtype)).sum(axis=0)
     padded = (counts + group_rows - 1) // group_rows * group_rows
     first_row = mx.cumsum(padded) - padded  # each expert's first row
