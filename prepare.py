@@ -1,15 +1,13 @@
 """
-The fixed harness of autoresearch-mamba. The training scripts import it; the agent never edits it (program.md). An
-agent reads this contract and the constants below it, down to the line END OF THE CONTRACT, and nothing further.
-Import it before mlx: on Linux it first loads an optimized BLAS.
+The fixed harness of autoresearch-mamba: the training scripts import it, the agent never edits it (program.md) and
+reads it down to END OF THE CONTRACT. Import it before mlx: on Linux it first loads an optimized BLAS.
 
-Setup, once per machine: `uv run prepare_mlx_mamba_3.py` (data and tokenizer; offline: `--data-dir DIR`), then
-`uv run prepare_mlx_mamba_3.py --calibrate` on a quiet machine (the figures `mfu_percent` and `machine_speed` use).
+Setup: `uv run prepare_mlx_mamba_3.py` (data, tokenizer, and the active preset's sizes written into the training
+scripts' constants), then `uv run prepare_mlx_mamba_3.py --calibrate` on a quiet machine.
 
-What a training script calls (all three do), and what it gets:
-    apply_preset(globals(), section)   overrides the script's UPPERCASE constants with the active preset's section
-                                       (AUTORESEARCH_MLX_PRESET_FILE, else chosen by device) and prints them
-    run(main)                          runs main(): a user's mistake ends in one line, Ctrl-C in `Interrupted.`
+What a training script calls:
+    harness_line()                     the preset and the constants in force, printed first
+    run(main)                          a user's mistake ends in one line, Ctrl-C in `Interrupted.`
     distributed("mlx" | "torch")       rank, world_size, agree(loss, step_time); a plain run is rank 0 of 1
     check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors first
     Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS before every document)
@@ -17,31 +15,24 @@ What a training script calls (all three do), and what it gets:
                                        endless (inputs, targets, epoch), int32 numpy [B, T], packed documents
     probe_machine_speed(dist)          times a fixed probe before the loop (outside the budget)
     step_midpoint(training_time, step_times)
-                                       a step runs while this (now + half the recent step time) is before
-                                       TIME_BUDGET; the learning-rate schedule reads progress there
-    warn_if_evaluation_is_long(step_times, tokens_per_step)
-                                       a `warning:` line when evaluation would take over a quarter of TIME_BUDGET
-    check_loss(loss, step)             NaN, inf or a loss above 100 ends the run (`FAIL: training diverged`)
-    ProgressLine(interval)             one `step ...` line per step in a log file, one line in place on a terminal
-    evaluate_bpb(model, B, dist)       val_bpb of the model's logits on EVAL_TOKENS fixed validation tokens, scored by
-                                       the harness (its own loss, float64 sums)
+                                       a step runs while this is before TIME_BUDGET; the schedule reads progress there
+    warn_if_evaluation_is_long(step_times, tokens_per_step), check_loss(loss, step), ProgressLine(interval)
+    evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness
     peak_flops(device, dtype)          (FLOP/s, source) for MFU: datasheet, else the calibrated matmul rate
     print_summary(fields, trained_tokens, dist)
-                                       `---`, one `key: value` per line, then world_size, machine_speed, budget_check,
-                                       harness
+                                       the summary block, then world_size, machine_speed, budget_check, harness
 
-The rules it enforces, each visible in the summary:
-    - The budget: training_seconds counts every step but the first (compilation) and ends within half a step of
-      TIME_BUDGET. Start-up and evaluation are outside it.
-    - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on (num_steps *
-      TOTAL_BATCH_SIZE): no training data is read outside the timed steps. A run whose check is not `ok` never wins.
+The rules, each visible in the summary:
+    - training_seconds counts every step but the first (compilation) and ends within half a step of TIME_BUDGET.
+    - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on.
     - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation rows and
       the number of processes. Only runs with the same fingerprint are comparable.
-    - machine_speed: the probe before and after, against the calibrated figure (1.00 = as calibrated); below 0.90 a
-      `warning:` line says this val_bpb is not comparable: rerun instead of deciding.
+    - machine_speed: the probe against this machine's reference (1.00 = as fast as it has been); below 0.90 a
+      `warning:` line: rerun instead of deciding.
 The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json.
 """
 
+import ast
 import ctypes
 import errno
 import glob
@@ -272,52 +263,49 @@ def harness_line():
     )
 
 
-def apply_preset(namespace, section):
-    """Override a training script's UPPERCASE hyperparameter constants with the active preset's section.
-
-    Call it as `apply_preset(globals(), "train_mamba_3_mlx")` right after the constants. A key the script does not
-    define, or a value of another type than the script's default, is an error naming the key. Prints the harness line
-    and every override; returns {KEY: value} of what it set."""
-    if section not in PRESET_SECTIONS:
-        raise HarnessError(f"Unknown preset section {section!r}; valid: {', '.join(PRESET_SECTIONS)}.")
-    overrides = PRESET[section]
-    for key, value in overrides.items():
-        if not key.isupper() or key not in namespace:
-            known = sorted(k for k, v in namespace.items() if k.isupper() and isinstance(v, (int, float, str, bool)))
-            raise HarnessError(
-                f"Preset {PRESET_FILE}: unknown key {key!r} in section {section!r}. "
-                f"Keys this script defines: {', '.join(known)}."
-            )
-        default = namespace[key]
-        same_type = type(value) is type(default) or (type(default) is float and type(value) is int)
-        if not same_type:
-            raise HarnessError(
-                f"Preset {PRESET_FILE}: {section}.{key} must be {type(default).__name__} like the script's default "
-                f"{default!r}, got {value!r}."
-            )
-        namespace[key] = float(value) if type(default) is float else value
-    print(harness_line())
-    if overrides:
-        print(f"preset {PRESET_NAME} sets: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
-    return dict(overrides)
+def write_constants(path, values):
+    """Write {KEY: value} into the UPPERCASE constant lines of the script at `path` (`KEY = value  # comment`: the
+    value replaced, the comment kept): how setup sizes a script for a preset, and how tests, benches and --calibrate
+    size a copy. Each KEY must be a one-line top-level constant of the script with a value of the same type. Returns
+    [(KEY, old source, new source)] of the lines it changed; the file is rewritten only if one did."""
+    with open(path) as f:
+        source = f.read()
+    lines = source.splitlines(keepends=True)
+    constants = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            constants.setdefault(node.targets[0].id, node)
+    changed = []
+    for key, value in values.items():
+        node = constants.get(key)
+        if not key.isupper() or node is None or node.lineno != node.end_lineno:
+            known = ", ".join(sorted(k for k, n in constants.items() if k.isupper() and n.lineno == n.end_lineno))
+            raise HarnessError(f"{os.path.basename(path)} has no one-line constant {key!r}; its constants: {known}.")
+        old = ast.get_source_segment(source, node.value)
+        try:
+            default = eval(old, {})  # constants are literals or arithmetic on literals (8 * 2048)
+        except Exception:
+            default = value
+        if not (type(value) is type(default) or (type(default) is float and type(value) is int)):
+            raise HarnessError(f"{os.path.basename(path)}: {key} must be {type(default).__name__} like the script's "
+                               f"{old}, got {value!r}.")
+        new = json.dumps(value) if isinstance(value, str) else repr(float(value) if type(default) is float else value)
+        if eval(new, {}) != default:
+            line = lines[node.lineno - 1]
+            lines[node.lineno - 1] = line[: node.value.col_offset] + new + line[node.value.end_col_offset :]
+            changed.append((key, old, new))
+    if changed:
+        _write_atomic(path, lambda f: f.write("".join(lines)), mode="w")
+    return changed
 
 
 def check_hyperparameters(section, checks):
-    """Validate a training script's hyperparameters before anything is built, in the preset checks' style.
-
-    `checks`: (KEY, ok, requirement) triples, e.g. ("DEPTH", DEPTH > 0, f"must be a positive int, got {DEPTH!r}");
-    `positive` and `one_of` below make the common ones. The first failing check is a HarnessError that names the key
-    and where its value was set (the preset, the environment, or the script)."""
+    """Validate a training script's hyperparameters before anything is built: (KEY, ok, requirement) triples, e.g.
+    ("DEPTH", DEPTH > 0, f"must be a positive int, got {DEPTH!r}"); `positive` and `one_of` below make the common
+    ones. The first failing check is a HarnessError naming the key."""
     for key, ok, requirement in checks:
-        if ok:
-            continue
-        if key in PRESET.get(section, {}):
-            origin = f"set by preset {PRESET_FILE}"
-        elif os.environ.get(f"AUTORESEARCH_MLX_{key}"):
-            origin = f"set by the environment variable AUTORESEARCH_MLX_{key}"
-        else:
-            origin = "set in the script"
-        raise HarnessError(f"{section}.{key} {requirement} ({origin}). Fix the value and rerun.")
+        if not ok:
+            raise HarnessError(f"{section}.{key} {requirement} (set in the script). Fix the value and rerun.")
 
 
 def positive(namespace, *names):
@@ -494,7 +482,7 @@ def _write_atomic(path, write, mode="wb"):
     sees the old file or a complete new one."""
     import tempfile
 
-    directory = os.path.dirname(path)
+    directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -1285,10 +1273,11 @@ def calibration_key(kind, backend, device_name, dtype=""):
     return f"{kind}|{backend}|{device_name}|{dtype}|{os.path.basename(FAST_BLAS or 'bundled')}"
 
 
-def read_calibration():
-    """{key: figure} recorded by --calibrate on this machine ({} when there is none or it is unreadable)."""
+def read_calibration(path=None):
+    """{key: figure} recorded by --calibrate on this machine ({} when there is none or it is unreadable); `path`:
+    another file of figures in that format (machine_speed.json)."""
     try:
-        with open(CALIBRATION_PATH) as f:
+        with open(path or CALIBRATION_PATH) as f:
             figures = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -1318,10 +1307,23 @@ def peak_flops(device_name, dtype, backend="mlx"):
 
 
 # Machine speed: a fixed probe (a 1024 x 1024 matmul and 2^22 exps: the BLAS and element-wise work a step does)
-# timed before training and after evaluation, against the time --calibrate recorded on a quiet machine. A laptop that
-# throttles or a neighbour on a shared machine shows here, so a run that was slow is rerun rather than decided on.
+# timed before training and after evaluation, against this machine's reference: the fastest probe it has shown, per
+# device and BLAS (--calibrate's best of 5 in calibration.json, or any run's in machine_speed.json beside it). A laptop
+# that throttles or a neighbour on a shared machine shows here, so a run that was slow is rerun rather than decided on.
+# The rule: a run whose best probe (start or end) beats the reference first raises it to that probe, then is scored
+# against it, so machine_speed is at most 1.00 and says how far this run fell below the best this machine has done.
+# Load only ever slows a probe, so a busy moment can never lower the reference: a calibration taken under load is
+# repaired by the first quiet run (which reads ~1.00), and a run under load against a quiet reference reads below
+# SLOW_MACHINE and warns. A fresh cache's first run starts the reference (its slower probe can still warn).
 PROBE_TIMES = {}  # "start", "end": this run's median probe seconds
 SLOW_MACHINE = 0.9  # a run whose machine_speed falls below this prints a warning
+# --calibrate refuses to record on a machine that is clearly busy (see busy_reason): other processes kept more than
+# BUSY_CPU_SHARE of the cores busy while it probed (Linux's /proc/stat), or, where that cannot be read, the 1-minute
+# load average exceeded BUSY_LOAD_PER_CORE per core; or its 5 probes spread by more than BUSY_SPREAD (slowest over
+# fastest); or its best probe would read below SLOW_MACHINE against the reference.
+BUSY_CPU_SHARE = 0.25
+BUSY_LOAD_PER_CORE = 0.5
+BUSY_SPREAD = 1.3
 
 
 def _backend():
@@ -1370,23 +1372,107 @@ def probe_machine_speed(dist=SINGLE_PROCESS, when="start"):
         PROBE_TIMES[when] = probe_seconds(_backend())
 
 
+def machine_speed_path():
+    """machine_speed.json, beside calibration.json: {probe key: the fastest probe seconds a run has shown}."""
+    return os.path.join(os.path.dirname(CALIBRATION_PATH), "machine_speed.json")
+
+
+def probe_key(backend):
+    return calibration_key("probe", backend, probe_device_name(backend))
+
+
+def probe_reference(key):
+    """The reference probe seconds for `key`: the fastest this machine has shown (calibrated or a run's), or None."""
+    figures = [read_calibration(path).get(key) for path in (CALIBRATION_PATH, machine_speed_path())]
+    return min((figure for figure in figures if figure), default=None)
+
+
+def raise_probe_reference(key, seconds):
+    """Make `seconds` the reference for `key` if it beats the one recorded (or there is none); returns the reference
+    before (None: there was none). A read-modify-write under a lock file, written atomically: concurrent runs never
+    lose each other's figures, and a reader sees the old file or the new one. Where locking fails (a network disk),
+    a lost race can only keep a slightly slower figure, never corrupt the file."""
+    path = machine_speed_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except (ImportError, OSError):
+            pass
+        before = probe_reference(key)
+        if before is None or seconds < before:
+            figures = {**read_calibration(path), key: seconds}
+            _write_atomic(path, lambda f: json.dump(figures, f, indent=1, sort_keys=True), "w")
+    return before
+
+
+def _cpu_seconds():
+    """(busy seconds of all cores together, this process's CPU seconds) from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(field) for field in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    own = os.times()
+    busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def probe_repeats(backend, repeats=5):
+    """`repeats` probe times (seconds, each probe_seconds) and the share of the machine's cores that other processes
+    (and, in a VM, its host: steal time) kept busy meanwhile; the share is None where /proc/stat is missing."""
+    before, t0 = _cpu_seconds(), time.perf_counter()
+    times = [probe_seconds(backend) for _ in range(repeats)]
+    after, wall = _cpu_seconds(), time.perf_counter() - t0
+    if before is None or after is None:
+        return times, None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return times, max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def busy_reason(times, others_share=None, load=None, reference=None):
+    """Why --calibrate's probes (`times`, seconds) were taken on a busy machine, or None when it looked quiet. `load`:
+    the 1-minute load average before probing, used only where `others_share` could not be measured (it lags by a
+    minute); `reference`: the probe reference recorded before (see probe_reference)."""
+    cores, best = os.cpu_count() or 1, min(times)
+    reasons = []
+    if others_share is not None and others_share > BUSY_CPU_SHARE:
+        reasons.append(f"other processes used {others_share:.0%} of the {cores} cores while it probed")
+    elif others_share is None and load is not None and load > BUSY_LOAD_PER_CORE * cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    if max(times) > BUSY_SPREAD * best:
+        reasons.append(f"its {len(times)} probes spread {1000 * best:.1f}-{1000 * max(times):.1f} ms")
+    if reference and reference / best < SLOW_MACHINE:
+        reasons.append(f"its best probe {1000 * best:.1f} ms is {best / reference:.2f}x this machine's reference "
+                       f"{1000 * reference:.1f} ms")
+    return "; ".join(reasons) or None
+
+
 def machine_speed():
-    """(summary value, warning line or None) from the probe times: 1.00 = as fast as calibrated."""
+    """(summary value, warning line or None) from the probe times against the reference (the rule above; a faster
+    run raises it first): 1.00 = as fast as this machine has shown."""
     if "start" not in PROBE_TIMES or "end" not in PROBE_TIMES:
         return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
-    backend = _backend()
-    calibrated = read_calibration().get(calibration_key("probe", backend, probe_device_name(backend)))
-    if not calibrated:
-        drift = PROBE_TIMES["start"] / PROBE_TIMES["end"]
-        slowed = f"warning: the machine slowed down by {1 - drift:.0%} during the run"
-        warning = slowed if drift < SLOW_MACHINE else None
-        return f"n/a (not calibrated: run `{CALIBRATE_COMMAND}`; end/start {drift:.2f})", warning
-    start, end = (calibrated / PROBE_TIMES[when] for when in ("start", "end"))
-    value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f})"
+    key, best = probe_key(_backend()), min(PROBE_TIMES["start"], PROBE_TIMES["end"])
+    try:
+        before = raise_probe_reference(key, best)
+        note = ("; reference started by this run" if before is None else
+                f"; reference raised by this run from {1000 * before:.1f} ms" if best < before else "")
+    except OSError as e:  # a read-only or full cache: the summary still comes, scored against what is recorded
+        before = probe_reference(key)
+        note = f"; reference not saved: {e.strerror or e}"
+    reference = best if before is None else min(before, best)
+    start, end = (reference / PROBE_TIMES[when] for when in ("start", "end"))
+    value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f}{note})"
     if min(start, end) >= SLOW_MACHINE:
         return value, None
-    return value, (f"warning: the machine ran {1 - min(start, end):.0%} slower than calibrated (machine_speed start "
-                   f"{start:.2f}, end {end:.2f}): this val_bpb is not comparable; rerun before deciding")
+    return value, (f"warning: the machine ran {1 - min(start, end):.0%} slower than its reference, the fastest probe "
+                   f"it has shown ({1000 * reference:.1f} ms; machine_speed start {start:.2f}, end {end:.2f}): this "
+                   f"val_bpb is not comparable; rerun before deciding")
 
 
 def warn_if_evaluation_is_long(step_times, tokens_per_step, forward_speedup=2.5):

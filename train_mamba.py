@@ -7,8 +7,7 @@ On CUDA it trains under bf16 autocast with torch.compile, and uses mamba_ssm's f
 agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32. Muon trains the matrices, AdamW the
 rest, as in the MLX script.
 
-Run: `uv run --extra torch train_mamba.py` (architecture from AUTORESEARCH_MLX_ARCHITECTURE, else the preset's
-`train_mamba` section, else the constant below). The math: the Mamba-2 paper (Dao & Gu, 2024, arXiv:2405.21060) and
+Run: `uv run --extra torch train_mamba.py`. The math: the Mamba-2 paper (Dao & Gu, 2024, arXiv:2405.21060) and
 mamba_ssm's Mamba3 module, summarised in train_mamba_3_mlx.py's Mamba section; every chunked scan below has a
 one-token step recurrence that the tests hold it to (tests/test_train_mamba_torch.py).
 """
@@ -27,7 +26,6 @@ t_script_start = time.time()  # total_seconds counts from here (imports included
 if __name__ == "__main__":  # a run (not an import by tests or benchmarks): the harness asks torch for the device
     os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")
 import prepare  # first: the harness (constants, presets, data, evaluation)
-from prepare import apply_preset
 
 import torch
 import torch.nn as nn
@@ -36,10 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hyperparameters (canonical full-size defaults, the same as train_mamba_3_mlx.py; the preset may override them)
+# Hyperparameters: the values this run trains with (setup writes the preset's sizes here; program.md)
 
 # Model
-ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"; env AUTORESEARCH_MLX_ARCHITECTURE wins over this and the preset
+ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"
 DEPTH = 8  # number of mixer blocks
 D_MODEL = 768  # width of the residual stream
 D_STATE = 64  # SSM state size n per head (the "key/query" side)
@@ -87,12 +85,6 @@ SEED = 42
 # PyTorch runtime
 COMPILE = True  # torch.compile the model on CUDA (on CPU the inductor C++ build costs more than it saves at test sizes)
 FUSED_KERNELS = True  # on CUDA, use mamba_ssm's fused scans when they import and pass the start-up check
-
-apply_preset(globals(), "train_mamba")
-# Experiment overrides: assignments placed here win over the preset.
-
-# The environment picks the architecture last, over the constant and the preset (tests and prepare use it).
-ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or ARCHITECTURE
 
 
 # =====================================================================================================================
@@ -1198,6 +1190,7 @@ def synchronize(device):
 def main():
     t_start = t_script_start
     dist = prepare.distributed("torch")  # rank and world size under torchrun; rank 0 of 1 in a plain run
+    print(prepare.harness_line())  # the preset and the harness constants in force
     torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
     device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa;

@@ -15,17 +15,16 @@ from functools import partial
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
 import prepare  # first: loads the fast BLAS before MLX is imported
-from prepare import apply_preset
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hyperparameters (canonical full-size defaults; the active preset may override them just below)
+# Hyperparameters: the values this run trains with (setup writes the preset's sizes here; program.md)
 
 # Model
-ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"; env AUTORESEARCH_MLX_ARCHITECTURE wins over this and the preset
+ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"
 DEPTH = 8  # number of mixer blocks
 D_MODEL = 768  # width of the residual stream
 D_STATE = 64  # SSM state size n per head (the "key/query" side)
@@ -68,11 +67,6 @@ CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass instead of
 # model at 8 x 2048, SISO 23 -> 6.5 GB, for +18-25% step time on the CPU (README); off in the cpu and local presets
 SEED = 42
 
-apply_preset(globals(), "train_mamba_3_mlx")
-# Experiment overrides: assignments placed here win over the preset.
-
-# The environment picks the architecture last, over the constant and the preset (tests and prepare use it).
-ARCHITECTURE = os.environ.get("AUTORESEARCH_MLX_ARCHITECTURE", "").strip() or ARCHITECTURE
 
 
 @dataclass
@@ -248,6 +242,13 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x):
         return rms_norm(x, self.weight.astype(x.dtype), self.eps)
+
+
+def block_input(norm, x, compute_dtype):
+    """What a block's layer reads: the RMSNorm of the residual stream, in the compute dtype. The stream itself stays
+    float32 (upstream's residual_in_fp32): x + layer(...) promotes a bfloat16 output back, so bfloat16 rounding does
+    not pile up over depth (bf16 logits 18% closer to float32's than with a bf16 stream: bench/RESULTS.md)."""
+    return norm(x).astype(compute_dtype)
 
 
 class GatedMLP(nn.Module):
@@ -564,8 +565,7 @@ class Mamba3(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. The residual stream stays float32 (upstream's residual_in_fp32); the normalised input of
-    the mixer and the MLP is cast to the compute dtype."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when mlp_expand > 0 (block_input)."""
 
     def __init__(self, config, compute_dtype=mx.float32):
         super().__init__()
@@ -577,10 +577,10 @@ class Block(nn.Module):
             self.mlp = GatedMLP(config.d_model, config.mlp_expand * config.d_model)
 
     def __call__(self, x, state=None):
-        y, state = self.mixer(self.norm(x).astype(self.compute_dtype), state)
+        y, state = self.mixer(block_input(self.norm, x, self.compute_dtype), state)
         x = x + y
         if "mlp" in self:
-            x = x + self.mlp(self.mlp_norm(x).astype(self.compute_dtype))
+            x = x + self.mlp(block_input(self.mlp_norm, x, self.compute_dtype))
         return x, state
 
     def output_only(self, x):  # for checkpointing: the state is not kept (its last-token slices would pin whole buffers)
@@ -808,6 +808,7 @@ def device_name():
 def main():
     t_start = t_script_start
     dist = prepare.distributed("mlx")  # rank and world size under mlx.launch; rank 0 of 1 in a plain run
+    print(prepare.harness_line())  # the preset and the harness constants in force
     seq_len = prepare.MAX_SEQ_LEN
     check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     check_hand_written_gradients()  # an edited forward with a stale gradient stops the run here

@@ -1,6 +1,8 @@
 """Test setup: a private cache, the tiny `smoke` preset and true float32 matmuls, set before anything imports the
-harness or MLX, plus a session fixture that prepares a small synthetic corpus offline (tests never read ../shared or
-the network), and the check of a run's per-step log lines that every training script's smoke run passes."""
+harness or MLX; copies of the training scripts sized by the smoke preset (tests import and run those, never the
+committed scripts, which a session-end check holds unchanged); a session fixture that prepares a small synthetic
+corpus offline (tests never read ../shared or the network), and the check of a run's per-step log lines that every
+training script's smoke run passes."""
 
 import atexit
 import itertools
@@ -26,6 +28,41 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402  (before mlx: loads the fast BLAS)
+
+SCRIPTS = ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")
+SMOKE = prepare.load_preset(os.path.join(ROOT, "presets", "smoke.json"))
+SMOKE_SCRIPTS = os.path.join(TEST_CACHE, "scripts")  # the smoke-sized copies; `import train_mamba_3_mlx` finds these
+os.environ["PYTHONPATH"] = os.pathsep.join([SMOKE_SCRIPTS, ROOT])  # children import the copies and prepare.py
+
+
+def sized_script(script, directory=None, **constants):
+    """The path of a copy of `script` (e.g. "train_mamba_3_mlx") in `directory` (default: a new folder), sized by the
+    smoke preset and then `constants`: the setup's own writer (prepare.write_constants) on a copy."""
+    directory = directory or tempfile.mkdtemp(dir=TEST_CACHE)
+    path = shutil.copy(os.path.join(ROOT, script + ".py"), directory)
+    prepare.write_constants(path, {**SMOKE[script], **constants})
+    return path
+
+
+os.makedirs(SMOKE_SCRIPTS)
+for _script in SCRIPTS:
+    sized_script(_script, SMOKE_SCRIPTS)
+sys.path.insert(0, SMOKE_SCRIPTS)
+
+
+def _committed_scripts():
+    return {name: open(os.path.join(ROOT, name + ".py"), "rb").read() for name in SCRIPTS}
+
+
+COMMITTED = _committed_scripts()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that wrote into the repository's own training scripts fails the session (tests size copies only)."""
+    touched = [name for name, text in _committed_scripts().items() if text != COMMITTED[name]]
+    if touched:
+        print(f"\nFAIL: the tests changed the committed scripts {touched}: size a copy (conftest.sized_script)")
+        session.exitstatus = 1
 
 
 def synthetic_documents(n_docs, seed):
@@ -81,7 +118,7 @@ def prepared_cache(corpus_dir):
 
 @pytest.fixture(scope="session")
 def smoke_run(prepared_cache):
-    """smoke_run(architecture): train_mamba_3_mlx.py's CompletedProcess under the smoke preset, its stdout a pipe (so
+    """smoke_run(architecture): a smoke-sized train_mamba_3_mlx.py's CompletedProcess, its stdout a pipe (so
     logged like run.log, one line per step). Run once per architecture per session: the script's smoke test and the
     notebook's curves test read the same runs. The timeout allows for the first run on a fresh machine, which also
     JIT-compiles MLX's fused CPU kernels."""
@@ -89,9 +126,9 @@ def smoke_run(prepared_cache):
 
     def run(architecture):
         if architecture not in runs:
-            env = dict(os.environ, AUTORESEARCH_MLX_ARCHITECTURE=architecture)
-            runs[architecture] = subprocess.run([sys.executable, "train_mamba_3_mlx.py"], cwd=ROOT, env=env,
-                                                capture_output=True, text=True, timeout=900)
+            script = sized_script("train_mamba_3_mlx", ARCHITECTURE=architecture)
+            runs[architecture] = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
+                                                timeout=900)
         return runs[architecture]
 
     return run

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import prepare
-from conftest import ROOT
+from conftest import SMOKE_SCRIPTS
 
 
 def test_counts_batches_handed_over_not_prefetched(prepared_cache):
@@ -39,8 +39,8 @@ def test_run_that_reads_batches_before_its_loop_is_flagged(prepared_cache, scrip
         "stats = [next(loader) for _ in range(3)]\n"
         "T.main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], cwd=SMOKE_SCRIPTS, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check = re.search(r"^budget_check: (.*)$", done.stdout, flags=re.M).group(1)
     extra = 3 * prepare.PRESET[script]["DEVICE_BATCH_SIZE"] * prepare.MAX_SEQ_LEN

@@ -9,7 +9,7 @@ import sys
 import threading
 
 import prepare
-from conftest import ROOT
+from conftest import ROOT, sized_script
 
 
 def test_concurrent_writers_of_one_file_never_interleave(tmp_path):
@@ -61,9 +61,10 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_two_runs_at_once_on_a_fresh_cache(corpus_dir, tmp_path):
     """Two agents start at the same moment on an empty cache: each prepares it (shards, tokenizer, validation rows)
     and trains a smoke run. Both finish, with the same harness fingerprint."""
-    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"), AUTORESEARCH_MLX_ARCHITECTURE="mamba-2")
-    command = (f"{sys.executable} prepare_mlx_mamba_3.py --data-dir {corpus_dir} && "
-               f"{sys.executable} train_mamba_3_mlx.py")
+    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"))
+    script = sized_script("train_mamba_3_mlx", ARCHITECTURE="mamba-2")
+    command = (f"{sys.executable} prepare_mlx_mamba_3.py --keep-scripts --data-dir {corpus_dir} && "
+               f"{sys.executable} {script}")
     runs = [subprocess.Popen(["sh", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, check_step_log
+from conftest import ROOT, SMOKE_SCRIPTS, check_step_log
 
 BIN = os.path.dirname(sys.executable)  # the venv's launchers: mlx.launch, torchrun
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -91,7 +91,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(worker_runs):
     ("mlx", "train_mamba_3_mlx.py"), ("mlx", "train_hybrid_moe_mlx.py"), ("torch", "train_mamba.py"),
 ])
 def test_launched_smoke_run_prints_one_summary(prepared_cache, backend, script):
-    done = launch(backend, [script])
+    done = launch(backend, [os.path.join(SMOKE_SCRIPTS, script)])
     assert done.stdout.count("\n---\n") == 1, done.stdout[-3000:]
     assert done.stdout.count("preset: smoke (") == 1  # only rank 0 talks, from the first line on
     summary = dict(re.findall(r"^(\w+): (.*)$", done.stdout.split("\n---\n")[-1], flags=re.M))

@@ -402,22 +402,16 @@ def test_evaluate_bpb_shows_progress_and_ends_the_line(prepared_cache, capsys):
     assert out.endswith("\n")
 
 
-def test_check_hyperparameters_names_the_key_and_its_origin(monkeypatch):
+def test_check_hyperparameters_names_the_key():
     namespace = {"DEPTH": 0, "DEVICE_BATCH_SIZE": 4, "TOTAL_BATCH_SIZE": -512, "COMPUTE_DTYPE": "fp8"}
     prepare.check_hyperparameters("train_mamba", prepare.positive(namespace, "DEVICE_BATCH_SIZE"))
-    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPTH": 0})
     with pytest.raises(prepare.HarnessError, match=r"^train_mamba.DEPTH must be a positive number, got 0 "
-                                                   r"\(set by preset .*smoke.json\)\. Fix the value"):
+                                                   r"\(set in the script\)\. Fix the value"):
         prepare.check_hyperparameters("train_mamba", prepare.positive(namespace, "DEVICE_BATCH_SIZE", "DEPTH"))
-    with pytest.raises(prepare.HarnessError, match=r"TOTAL_BATCH_SIZE must be a positive number, got -512 "
-                                                   r"\(set in the script\)"):
+    with pytest.raises(prepare.HarnessError, match=r"TOTAL_BATCH_SIZE must be a positive number, got -512"):
         prepare.check_hyperparameters("train_mamba", prepare.positive(namespace, "TOTAL_BATCH_SIZE"))
     with pytest.raises(prepare.HarnessError, match="COMPUTE_DTYPE must be one of 'float32', 'bfloat16', got 'fp8'"):
         prepare.check_hyperparameters("train_mamba", [prepare.one_of(namespace, "COMPUTE_DTYPE",
                                                                      ("float32", "bfloat16"))])
-    monkeypatch.setenv("AUTORESEARCH_MLX_ARCHITECTURE", "gpt")
-    with pytest.raises(prepare.HarnessError, match="ARCHITECTURE must be one of .*environment variable"):
-        prepare.check_hyperparameters("train_mamba", [prepare.one_of({"ARCHITECTURE": "gpt"}, "ARCHITECTURE",
-                                                                     ("mamba-2", "mamba-3"))])
     with pytest.raises(prepare.HarnessError, match="D_MODEL must divide"):
         prepare.check_hyperparameters("train_mamba", [("D_MODEL", 100 % 16 == 0, "must divide into HEADDIM 16")])

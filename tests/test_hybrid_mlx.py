@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import train_hybrid_moe_mlx as h
-from conftest import check_step_log
+from conftest import SMOKE_SCRIPTS, check_step_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -364,21 +364,21 @@ SUMMARY_KEYS = [
 
 
 def run_script(args):
-    # conftest's environment: the test cache and the smoke preset (whose train_hybrid_moe_mlx section is tiny).
-    # The timeout allows for the first run on a fresh machine, which also JIT-compiles MLX's fused CPU kernels.
+    # conftest's environment: the test cache and the smoke preset. The timeout allows for the first run on a fresh machine, which also JIT-compiles MLX's fused CPU kernels.
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                           timeout=900)
 
 
 def test_import_does_not_train():
-    result = run_script(["-c", "import train_hybrid_moe_mlx as H; print('imported', H.HYBRID_PATTERN)"])
+    """The committed script (cwd is the repository), imported: nothing trains, nothing is printed but ours."""
+    result = run_script(["-c", "import train_hybrid_moe_mlx as H; print('imported', H.__file__, H.HYBRID_PATTERN)"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"imported {h.HYBRID_PATTERN}" in result.stdout
+    assert result.stdout.startswith(f"imported {os.path.join(ROOT, 'train_hybrid_moe_mlx.py')} ")
     assert "---" not in result.stdout and "step 0" not in result.stdout
 
 
 def test_smoke_run(prepared_cache):
-    result = run_script(["train_hybrid_moe_mlx.py"])
+    result = run_script([os.path.join(SMOKE_SCRIPTS, "train_hybrid_moe_mlx.py")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = dict(re.findall(r"^(\w+): (.*)$", result.stdout.split("\n---\n")[-1], flags=re.M))
     assert list(summary) == SUMMARY_KEYS
@@ -386,7 +386,7 @@ def test_smoke_run(prepared_cache):
     assert summary["world_size"] == "1" and summary["budget_check"] == "ok"
     assert math.isfinite(float(summary["val_bpb"])) and 0 < float(summary["val_bpb"]) < 20
     check_step_log(result.stdout, summary)  # one line per step; the run ends at the step end nearest to the budget
-    # The module under test was imported with the same preset, so its constants are the run's.
+    # The module under test is the same smoke-sized copy, so its constants are the run's.
     assert summary["hybrid_pattern"] == h.HYBRID_PATTERN and summary["depth"] == str(len(h.HYBRID_PATTERN))
     assert summary["mamba_type"] == h.MAMBA_TYPE
     assert 0 < float(summary["num_active_params_M"]) < float(summary["num_params_M"])

@@ -10,21 +10,21 @@ import sys
 import pytest
 
 import prepare
-from conftest import ROOT, TEST_CACHE
+from conftest import ROOT, SMOKE_SCRIPTS, TEST_CACHE
+
+SMOKE_MAMBA = os.path.join(SMOKE_SCRIPTS, "train_mamba_3_mlx.py")
 
 
 def test_machine_speed_against_the_calibrated_probe(monkeypatch, tmp_path):
+    """The calibrated probe is a reference like any other (tests/test_machine_speed.py: the rest of the rule)."""
     monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
-    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.100, "end": 0.125})
-    value, warning = prepare.machine_speed()  # no calibration: only the drift within the run
-    assert value.startswith("n/a (not calibrated") and "end/start 0.80" in value
-    assert warning == "warning: the machine slowed down by 20% during the run"
     prepare.record_calibration({prepare.calibration_key("probe", "mlx", prepare.probe_device_name("mlx")): 0.1})
+    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.100, "end": 0.125})
     value, warning = prepare.machine_speed()
     assert value == "0.90 (start 1.00, end 0.80)"
-    assert warning.startswith("warning: the machine ran 20% slower than calibrated")
-    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.095, "end": 0.105})
-    assert prepare.machine_speed() == ("1.00 (start 1.05, end 0.95)", None)
+    assert warning.startswith("warning: the machine ran 20% slower than its reference")
+    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.095, "end": 0.105})  # faster than calibrated: raises it
+    assert prepare.machine_speed() == ("0.95 (start 1.00, end 0.90; reference raised by this run from 100.0 ms)", None)
     monkeypatch.setattr(prepare, "PROBE_TIMES", {"end": 0.1})  # a data-parallel run, or no start probe
     assert prepare.machine_speed()[0].startswith("n/a")
 
@@ -65,7 +65,7 @@ def test_a_loaded_machine_prints_the_warning(cache_copy):
     assert calibrated.returncode == 0, calibrated.stderr
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
     try:
-        result = run(["train_mamba_3_mlx.py"], cache_copy)
+        result = run([SMOKE_MAMBA], cache_copy)
     finally:
         for process in busy:
             process.kill()
@@ -83,7 +83,7 @@ def test_a_run_whose_evaluation_would_eat_the_budget_warns_before_evaluating(cac
     preset["prepare"].update(TIME_BUDGET=0.5, EVAL_TOKENS=8192)
     with open(tmp_path / "long-eval.json", "w") as f:
         json.dump(preset, f)
-    result = run(["train_mamba_3_mlx.py"], cache_copy, tmp_path / "long-eval.json")
+    result = run([SMOKE_MAMBA], cache_copy, tmp_path / "long-eval.json")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     warning = next(i for i, line in enumerate(lines) if line.startswith("warning: evaluation will take about"))
@@ -91,7 +91,7 @@ def test_a_run_whose_evaluation_would_eat_the_budget_warns_before_evaluating(cac
 
 
 def test_calibrate_measures_every_architecture_and_records_the_machine(cache_copy):
-    result = run(["prepare_mlx_mamba_3.py", "--calibrate"], cache_copy)
+    result = run(["prepare_mlx_mamba_3.py", "--calibrate", "--force"], cache_copy)  # tests share the machine
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout.splitlines()
     for name in ("mamba-2", "mamba-3 SISO", "mamba-3 MIMO", "hybrid"):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -46,21 +47,23 @@ def test_unreadable_preset_file_names_the_file(tmp_path):
         prepare.load_preset(str(tmp_path / "missing.json"))
 
 
-def test_apply_preset_overrides_checks_keys_and_types(monkeypatch):
-    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPTH": 3, "LR": 1})
-    namespace = {"DEPTH": 8, "LR": 0.01, "NAME": "x"}
-    assert prepare.apply_preset(namespace, "train_mamba") == {"DEPTH": 3, "LR": 1}
-    assert namespace["DEPTH"] == 3 and namespace["LR"] == 1.0 and isinstance(namespace["LR"], float)
-
-    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPHT": 3})
-    with pytest.raises(prepare.HarnessError, match="unknown key 'DEPHT'.*DEPTH"):
-        prepare.apply_preset({"DEPTH": 8}, "train_mamba")
-    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"DEPTH": 2.5})
-    with pytest.raises(prepare.HarnessError, match="train_mamba.DEPTH must be int"):
-        prepare.apply_preset({"DEPTH": 8}, "train_mamba")
-    monkeypatch.setitem(prepare.PRESET, "train_mamba", {"USE_MLP": 1})
-    with pytest.raises(prepare.HarnessError, match="USE_MLP must be bool"):
-        prepare.apply_preset({"USE_MLP": True}, "train_mamba")
+def test_write_constants_changes_values_keeps_comments_and_checks_keys_and_types(tmp_path):
+    script = tmp_path / "train_x.py"
+    original = ('"""A script."""\nDEPTH = 8  # blocks\nLR = 0.01\nNAME = "a#b"  # a name, with a hash\n'
+                'BATCH = 8 * 2048  # tokens\nUSE_MLP = True\nLONG = (\n    1\n)\n\n\ndef f():\n    DEPTH = 1\n')
+    script.write_text(original)
+    changed = prepare.write_constants(str(script), {"DEPTH": 3, "LR": 1, "NAME": "ME*EM", "BATCH": 16384})
+    assert changed == [("DEPTH", "8", "3"), ("LR", "0.01", "1.0"), ("NAME", '"a#b"', '"ME*EM"')]
+    assert script.read_text() == original.replace("DEPTH = 8", "DEPTH = 3").replace("LR = 0.01", "LR = 1.0").replace(
+        '"a#b"  #', '"ME*EM"  #')  # BATCH already had that value: its expression stays; f's local DEPTH too
+    assert prepare.write_constants(str(script), {"DEPTH": 3}) == []
+    before = script.read_text()
+    for values, message in [({"DEPTH": 2, "DEPHT": 3}, "no one-line constant 'DEPHT'; its constants: .*DEPTH"),
+                            ({"DEPTH": 2.5}, "DEPTH must be int like the script's 3, got 2.5"),
+                            ({"USE_MLP": 1}, "USE_MLP must be bool"), ({"LONG": 2}, "no one-line constant 'LONG'")]:
+        with pytest.raises(prepare.HarnessError, match=message):
+            prepare.write_constants(str(script), values)
+        assert script.read_text() == before  # an error writes nothing, not even the keys before it
 
 
 def run_python(code, **env):
@@ -364,19 +367,52 @@ def test_offline_source_errors(tmp_path):
         prepare.import_local_corpus(str(tmp_path))
 
 
-def test_entry_point_prints_what_it_did(prepared_cache, corpus_dir):
-    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_FAST_BLAS"}
-    done = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "hybrid", "--data-dir",
-                           corpus_dir], cwd=ROOT, capture_output=True, text=True, env=env)
+def repository_copy(directory):
+    """The harness, the presets and the three training scripts, as a fresh clone lays them out."""
+    for name in ("prepare.py", "prepare_mlx_mamba_3.py", "train_mamba_3_mlx.py", "train_hybrid_moe_mlx.py",
+                 "train_mamba.py"):
+        shutil.copy(os.path.join(ROOT, name), directory)
+    shutil.copytree(os.path.join(ROOT, "presets"), os.path.join(directory, "presets"))
+    return directory
+
+
+def test_setup_sizes_the_scripts_for_the_preset_and_says_what_it_did(prepared_cache, corpus_dir, tmp_path):
+    """prepare_mlx_mamba_3.py writes the active preset's sections into the scripts' constant lines (and
+    --architecture into ARCHITECTURE), printing each change; a second run finds them sized; --keep-scripts and a
+    failed preparation leave them alone."""
+    repo = repository_copy(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTORESEARCH_FAST_BLAS", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "mamba-2", "--data-dir",
+                           corpus_dir], cwd=repo, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
+    smoke = prepare.load_preset(os.path.join(ROOT, "presets", "smoke.json"))
+    for script in ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba"):
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"{script}.py: "))
+        assert "DEPTH 8 -> 2" in line or "HYBRID_PATTERN \"MEM*EME\" -> \"ME*EM\"" in line, line
+        assert ("ARCHITECTURE \"mamba-3\" -> \"mamba-2\"" in line) == (script != "train_hybrid_moe_mlx"), line
+        lines = dict(re.findall(r"^([A-Z_]+) = (.+?)(?:  #.*)?$", open(tmp_path / f"{script}.py").read(), re.M))
+        assert {key: eval(lines[key]) for key in smoke[script]} == smoke[script], script
     preset, cache = env["AUTORESEARCH_MLX_PRESET_FILE"], env["AUTORESEARCH_CACHE_DIR"]
-    for expected in ("architecture: hybrid", "preset: smoke", prepare.DATA_DIR, "tokenizer: already trained",
+    for expected in ("preset: smoke", prepare.DATA_DIR, "tokenizer: already trained",
                      f"next: AUTORESEARCH_MLX_PRESET_FILE={preset} AUTORESEARCH_CACHE_DIR={cache} "
-                     f"uv run train_hybrid_moe_mlx.py > run.log 2>&1"):
+                     f"uv run train_mamba_3_mlx.py > run.log 2>&1"):
         assert expected in done.stdout
-    bad = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--data-dir", corpus_dir], cwd=ROOT,
-                         capture_output=True, text=True, env=dict(os.environ, AUTORESEARCH_MLX_ARCHITECTURE="gpt"))
-    assert bad.returncode == 1 and "Unknown architecture 'gpt'" in bad.stderr
+    again = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "hybrid", "--data-dir",
+                            corpus_dir], cwd=repo, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and again.stdout.count("already sized for preset smoke") == 3, again.stdout
+    assert "uv run train_hybrid_moe_mlx.py > run.log" in again.stdout
+    prepare.write_constants(str(tmp_path / "train_mamba.py"), {"DEPTH": 5})  # an edit setup must now leave alone
+    edited = open(tmp_path / "train_mamba.py").read()
+    kept = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--keep-scripts", "--data-dir", corpus_dir],
+                          cwd=repo, capture_output=True, text=True, env=env)
+    assert kept.returncode == 0 and "sized" not in kept.stdout, kept.stdout
+    failed = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--data-dir", str(tmp_path / "nothing")],
+                            cwd=repo, capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert open(tmp_path / "train_mamba.py").read() == edited
+    bad = subprocess.run([sys.executable, "prepare_mlx_mamba_3.py", "--architecture", "gpt"], cwd=repo,
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "invalid choice: 'gpt'" in bad.stderr
 
 
 def test_next_command_pasted_into_a_fresh_shell_has_the_same_fingerprint(prepared_cache, tmp_path, monkeypatch):
@@ -393,12 +429,12 @@ def test_next_command_pasted_into_a_fresh_shell_has_the_same_fingerprint(prepare
     command = prepare_mlx_mamba_3.training_command("mamba-2")
     assert command.endswith(" uv run train_mamba_3_mlx.py")
     assert prepare_mlx_mamba_3.training_command("hybrid").startswith("AUTORESEARCH_MLX_PRESET_FILE=")
-    probe = f"{sys.executable} -c 'import os, prepare; print(os.environ.get(\"AUTORESEARCH_MLX_ARCHITECTURE\"), " \
-            f"prepare.PRESET_NAME, prepare.CACHE_DIR, prepare.harness_fingerprint())'"
+    probe = f"{sys.executable} -c 'import prepare; print(prepare.PRESET_NAME, prepare.CACHE_DIR, " \
+            f"prepare.harness_fingerprint())'"
     done = subprocess.run(["bash", "-c", command.replace("uv run train_mamba_3_mlx.py", probe)], cwd=tmp_path,
                           env={"PATH": os.environ["PATH"], "PYTHONPATH": ROOT}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.rsplit(maxsplit=1) == [f"mamba-2 smoke {cache}", prepare.harness_fingerprint()]
+    assert done.stdout.rsplit(maxsplit=1) == [f"smoke {cache}", prepare.harness_fingerprint()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

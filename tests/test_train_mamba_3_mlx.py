@@ -2,7 +2,6 @@
 corpus; one log line per step, the stop at the step end nearest to the budget), import without side effects, fast
 fail on divergence, and generation with carried state."""
 
-import json
 import math
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 import prepare
 import train_mamba_3_mlx as T
-from conftest import check_step_log
+from conftest import check_step_log, sized_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = [
@@ -56,22 +55,16 @@ def test_smoke_run_prints_full_summary(smoke_run, architecture):
 
 def test_import_does_not_train():
     code = "import train_mamba_3_mlx as T; print('imported', T.ARCHITECTURE, callable(T.main))"
-    result = run_script(["-c", code], AUTORESEARCH_MLX_ARCHITECTURE="mamba-2")
+    result = run_script(["-c", code])  # the committed script (cwd is the repository)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "imported mamba-2 True" in result.stdout  # the env var wins over the constant
+    assert "imported mamba-3 True" in result.stdout
     assert "---" not in result.stdout and "step 0" not in result.stdout
 
 
-def test_diverging_run_fails_fast(prepared_cache, tmp_path):
-    with open(os.path.join(ROOT, "presets", "smoke.json")) as f:
-        preset = json.load(f)
-    preset["train_mamba_3_mlx"].update(
-        {"MATRIX_LR": 1e4, "EMBEDDING_LR": 1e4, "SCALAR_LR": 1e4, "GRAD_CLIP": 0.0, "WARMUP_RATIO": 0.0}
-    )
-    preset_file = tmp_path / "diverge.json"
-    preset_file.write_text(json.dumps(preset))
-    result = run_script(["train_mamba_3_mlx.py"], AUTORESEARCH_MLX_PRESET_FILE=str(preset_file),
-                        AUTORESEARCH_MLX_ARCHITECTURE="mamba-2")
+def test_diverging_run_fails_fast(prepared_cache):
+    script = sized_script("train_mamba_3_mlx", ARCHITECTURE="mamba-2", MATRIX_LR=1e4, EMBEDDING_LR=1e4,
+                          SCALAR_LR=1e4, GRAD_CLIP=0.0, WARMUP_RATIO=0.0)
+    result = run_script([script])
     assert result.returncode == 1, result.stdout[-3000:]
     assert "FAIL: training diverged" in result.stdout
     assert "val_bpb:" not in result.stdout

@@ -6,7 +6,6 @@ scans under torch.compile, the fused-kernel start-up check, and a CPU smoke run 
 Needs the optional `torch` extra (`uv sync --extra torch`); without PyTorch the whole module is skipped."""
 
 import contextlib
-import json
 import math
 import os
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional extra: uv sync --extra torch)")
 
 import train_mamba as tm  # noqa: E402
-from conftest import check_step_log  # noqa: E402
+from conftest import check_step_log, sized_script  # noqa: E402
 
 torch.set_num_threads(1)  # tiny shapes on shared cores: one thread is faster than two threads spinning against others
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -499,24 +498,18 @@ def test_fused_check_accepts_a_match_and_rejects_a_mismatch():
 # ---------------------------------------------------------------------------------------------------------------------
 # Smoke run of the script
 
-SMOKE_MODEL = {"DEPTH": 2, "D_MODEL": 64, "D_STATE": 16, "HEADDIM": 16, "CHUNK_SIZE": 16,
-               "DEVICE_BATCH_SIZE": 4, "TOTAL_BATCH_SIZE": 512}
-
-
-def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architecture="mamba-3"):
-    """python train_mamba.py on CPU under the smoke preset (its `train_mamba` section; the tiny model above if the
-    preset has none yet) prints the summary block with the MLX script's keys plus scan_backend. One architecture:
-    the loop is the same for all, and the blocks are covered above."""
-    with open(os.environ["AUTORESEARCH_MLX_PRESET_FILE"]) as f:
-        preset = json.load(f)
-    if "train_mamba" not in preset:
-        preset["train_mamba"] = SMOKE_MODEL
-    preset_file = tmp_path / "smoke.json"
-    preset_file.write_text(json.dumps(preset))
-    env = dict(os.environ, AUTORESEARCH_MLX_PRESET_FILE=str(preset_file), AUTORESEARCH_MLX_ARCHITECTURE=architecture,
-               OMP_NUM_THREADS="1")  # shared cores: one thread avoids OpenMP spinning against other processes
-    done = subprocess.run([sys.executable, "train_mamba.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+def test_smoke_run_prints_a_finite_summary(prepared_cache, architecture="mamba-3"):
+    """python train_mamba.py on CPU, sized by the smoke preset and then its DEPTH line edited by hand to 3, prints
+    the summary block with the MLX script's keys plus scan_backend, and trains the depth that line says. One
+    architecture: the loop is the same for all, and the blocks are covered above."""
+    script = sized_script("train_mamba", ARCHITECTURE=architecture)
+    with open(script) as f:
+        text = f.read()
+    assert "\nDEPTH = 2  #" in text
+    with open(script, "w") as f:
+        f.write(text.replace("\nDEPTH = 2  #", "\nDEPTH = 3  #"))  # the edit a user or an agent makes
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # shared cores: one thread avoids OpenMP spinning against others
+    done = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = done.stdout.split("\n---\n")[-1]
     fields = dict(line.split(": ", 1) for line in summary.strip().splitlines())
@@ -524,7 +517,7 @@ def test_smoke_run_prints_a_finite_summary(prepared_cache, tmp_path, architectur
             "total_tokens_M", "num_steps", "num_params_M", "depth", "scan_backend", "world_size", "machine_speed",
             "budget_check", "harness"]
     assert list(fields) == keys
-    assert fields["architecture"] == architecture
+    assert fields["architecture"] == architecture and fields["depth"] == "3"
     assert fields["world_size"] == "1" and fields["budget_check"] == "ok"  # no batch fetched beyond the last step
     assert fields["scan_backend"] == "torch" or fields["scan_backend"].startswith("mamba_ssm.")  # fused: CUDA only
     for key in ("val_bpb", "training_seconds", "peak_memory_mb", "mfu_percent", "num_params_M"):
