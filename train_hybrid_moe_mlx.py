@@ -364,7 +364,8 @@ class Mamba2(nn.Module):
 # Mamba-3 scans. Per head, with q~, k~ the rotated q, k, lam_t = sigmoid(trap_t), alpha_t = exp(ADT_t):
 #     S_t = alpha_t S_{t-1} + beta_t v_{t-1} k~_{t-1}^T + gamma_t v_t k~_t^T,   y_t = S_t q~_t + D v_t  (* silu z_t)
 #     beta_t = (1 - lam_t) dt_t alpha_t,   gamma_t = lam_t dt_t    (the exponential-trapezoidal rule)
-#     theta_t = theta_{t-1} + pi tanh(angles_t) dt_t (mod 2 pi); q, k rotated by theta_t on adjacent pairs (0,1), ...
+#     theta_t = theta_{t-1} + pi tanh(angles_t) dt_t (mod 2 pi); q, k rotated by theta_t on pairs of dims as upstream's
+#     kernels pair them: SISO (0,1), (2,3), ...; MIMO (0, n/2), (1, n/2 + 1), ...
 # MIMO (rank r): r keys, queries and values per token, v_{t,i} = x_t * mimo_v[i], outputs gated by silu(z_t * mimo_z[i])
 # and summed with weights mimo_o[i]. State of a sequence: (angle `b h a`, ssm `b h p n`, last rotated k `b h n`
 # (`b r h n` for MIMO), last x `b h p`). The one-token step references are in tests/mlx_reference.py.
@@ -388,28 +389,32 @@ def cumulative_angles(increments, initial_angle, chunk_size):
     return theta.reshape(*theta.shape[:2], -1, theta.shape[-1])[:, :, :l]
 
 
-def rotation(theta, n):
-    """Factors that rotate adjacent pairs (0,1), (2,3), ... of an n-vector by theta `... a`: rotate(x) = x * cos +
-    pair_swap(x) * sin gives (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos); dims past 2a pass through."""
-    a = theta.shape[-1]
+def rotation(theta, n, halves=False):
+    """Factors that rotate a pairs (i, j) of an n-vector by theta `... a`: rotate(x) = x * cos + partner(x) * sin gives
+    (x_i, x_j) -> (x_i cos - x_j sin, x_i sin + x_j cos); other dims pass through. Pairs (2k, 2k+1), or (k, n/2 + k)
+    with halves=True (MIMO), k < a: upstream's SISO and MIMO kernels."""
+    a, lead = theta.shape[-1], [(0, 0)] * (theta.ndim - 1)
     cos, sin = cos_sin(theta)
+    if halves:
+        cos, sin = mx.pad(cos, lead + [(0, n // 2 - a)], constant_values=1.0), mx.pad(sin, lead + [(0, n // 2 - a)])
+        return mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)
     cos = mx.stack([cos, cos], axis=-1).reshape(*theta.shape[:-1], 2 * a)
     sin = mx.stack([-sin, sin], axis=-1).reshape(*theta.shape[:-1], 2 * a)
-    if 2 * a < n:
-        rest = (*theta.shape[:-1], n - 2 * a)
-        cos = mx.concatenate([cos, mx.ones(rest, cos.dtype)], axis=-1)
-        sin = mx.concatenate([sin, mx.zeros(rest, sin.dtype)], axis=-1)
-    return cos, sin
+    return mx.pad(cos, lead + [(0, n - 2 * a)], constant_values=1.0), mx.pad(sin, lead + [(0, n - 2 * a)])
 
 
 def rotate(x, cos, sin):
-    if x.ndim > cos.ndim:  # MIMO: x `b h l r n`, one angle per token
-        cos, sin = cos[..., None, :], sin[..., None, :]
+    if x.ndim > cos.ndim:  # MIMO: x `b h l r n`, one angle per token; pairs halves (factors made with halves=True)
+        return x * cos[..., None, :] + swap_halves(x) * sin[..., None, :]
     return x * cos + swap_pairs(x) * sin
 
 
 def swap_pairs(x):
     return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)  # (x1, x0) per pair
+
+
+def swap_halves(x):
+    return x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :].reshape(x.shape)  # (x[n/2:], x[:n/2])
 
 
 def heads_qk(X, bias, heads):
@@ -439,7 +444,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_st
 
     # 1. Angles, then q and k rotated token by token (rotations compose: q~_t . k~_s sees theta_t - theta_s).
     theta = cumulative_angles(math.pi * mx.tanh(Angles).transpose(0, 2, 1, 3) * DT[..., None], angle0, chunk_size)
-    cos, sin = rotation(theta, n)  # b h l n
+    cos, sin = rotation(theta, n, halves=mimo is not None)  # b h l n
     rotated = lean_rotate if lean_backward else rotate
     q = rotated(heads_qk(Q, Q_bias, h), cos, sin)  # b h l n (b h l r n)
     k = rotated(heads_qk(K, K_bias, h), cos, sin)
@@ -1484,12 +1489,13 @@ def _lean_rotate_vjp(primals, d_out, out):
 def _lean_rotate_backward(out, cos, sin, d_out):
     """Per pair out = M x, M = [[c0, s0], [s1, c1]] (a rotation: c0 = c1, s0 = -s1): dx = M^T d_out, and x = M^-1 out
     = (swap(cos) out - sin swap(out)) / (c0 c1 - s0 s1), the denominator 1 for true angles, any value in the check."""
-    mimo = out.ndim > cos.ndim  # the ranks share the token's angle
+    mimo = out.ndim > cos.ndim  # the ranks share the token's angle, and pair the halves (rotate)
+    swap = swap_halves if mimo else swap_pairs
     if mimo:
         cos, sin = cos[..., None, :], sin[..., None, :]
-    x = (swap_pairs(cos) * out - sin * swap_pairs(out)) / (cos * swap_pairs(cos) - sin * swap_pairs(sin))
-    d_x = d_out * cos + swap_pairs(d_out * sin)
-    d_cos, d_sin = d_out * x, d_out * swap_pairs(x)
+    x = (swap(cos) * out - sin * swap(out)) / (cos * swap(cos) - sin * swap(sin))
+    d_x = d_out * cos + swap(d_out * sin)
+    d_cos, d_sin = d_out * x, d_out * swap(x)
     if mimo:
         d_cos, d_sin = d_cos.sum(axis=-2), d_sin.sum(axis=-2)
     return d_x, d_cos, d_sin

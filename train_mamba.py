@@ -229,12 +229,22 @@ def ssd_step(X, A, B, C, state):
 
 
 def rotate_pairs(x, theta):
-    """Turn adjacent dim pairs (2j, 2j+1) of x (..., n) by theta (..., a) for j < a; other dims pass through."""
+    """Turn adjacent dim pairs (2j, 2j+1) of x (..., n) by theta (..., a) for j < a; other dims pass through (SISO:
+    upstream's Triton kernels)."""
     a = theta.shape[-1]
     x0, x1 = x[..., : 2 * a].unflatten(-1, (a, 2)).unbind(-1)
     cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
     turned = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     return torch.cat([turned, x[..., 2 * a :]], dim=-1)
+
+
+def rotate_halves(x, theta):
+    """Turn the dim pairs (j, n/2 + j) of x (..., n) by theta (..., a) for j < a; other dims pass through (MIMO:
+    upstream's TileLang kernel and its decode step pair the halves)."""
+    a, half = theta.shape[-1], x.shape[-1] // 2
+    x0, x1 = x[..., :a], x[..., half : half + a]
+    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
+    return torch.cat([x0 * cos - x1 * sin, x[..., a:half], x0 * sin + x1 * cos, x[..., half + a :]], dim=-1)
 
 
 def cumulative_angles(increments, initial_angle, chunk_size):
@@ -272,8 +282,9 @@ def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_s
 
     angle0 = None if initial_states is None else initial_states[0].to(acc)
     theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
-    q = rotate_pairs(_mamba3_heads(Q, Q_bias), theta[:, :, None])  # (b, l, r, h, n)
-    k = rotate_pairs(_mamba3_heads(K, K_bias), theta[:, :, None])
+    rotate = rotate_pairs if mimo is None else rotate_halves  # upstream's pairings
+    q = rotate(_mamba3_heads(Q, Q_bias), theta[:, :, None])  # (b, l, r, h, n)
+    k = rotate(_mamba3_heads(K, K_bias), theta[:, :, None])
     def up(x):  # x (..., h, p) -> per-rank values (..., r, h, p)
         return x.unsqueeze(-3) if mimo is None else x.unsqueeze(-3) * mimo[0].transpose(0, 1).to(x.dtype)
 
@@ -344,7 +355,8 @@ def _mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state, mi
     e = h // Q.shape[-2]
     q = Q.to(acc).repeat_interleave(e, dim=-2) + Q_bias.transpose(0, 1).to(acc)  # (b r h n)
     k = K.to(acc).repeat_interleave(e, dim=-2) + K_bias.transpose(0, 1).to(acc)
-    q, k = rotate_pairs(q, theta[:, None]), rotate_pairs(k, theta[:, None])
+    rotate = rotate_pairs if mimo is None else rotate_halves
+    q, k = rotate(q, theta[:, None]), rotate(k, theta[:, None])
     x = V.to(acc)
     up = (lambda x: x[:, None]) if mimo is None else (lambda x: x[:, None] * mimo[0].transpose(0, 1).to(acc))
     v, v_prev = up(x), up(x_prev)  # (b r h p)
@@ -429,18 +441,20 @@ def _fused_candidates():
         @torch.compiler.disable
         def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
                        Z=None, chunk_size=16):
-            # The tilelang kernel turns dims (j, j + a) together where the pure scan turns (2j, 2j + 1): the same model
-            # up to a fixed relabelling of the state dims, applied here to q, k and their biases.
+            # The kernel turns dims (j, n/2 + j) for j < n / divisor, divisor 2 or 4: the pure scan's MIMO pairing
+            # for the first a <= n/divisor pairs. Angles past a are zero (tanh 0 = 0: those pairs never turn), so any
+            # rope fraction (a <= n/2) maps onto it; a shape it cannot take raises, and the start-up check says so.
             n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
-            order = torch.cat([torch.arange(0, 2 * a, 2), torch.arange(1, 2 * a, 2), torch.arange(2 * a, n)])
-            order = order.to(Q.device)
+            divisor = 4 if a <= n // 4 else 2
+            if n % 2 or a > n // divisor:
+                raise ValueError(f"the MIMO kernel cannot rotate {a} pairs of d_state {n}")
+            angles = F.pad(Angles.float(), (0, n // divisor - a)).expand(-1, -1, h, -1).contiguous()
             return mamba3_mimo(
-                Q[..., order].contiguous(), K[..., order].contiguous(), V.contiguous(), ADT.float().contiguous(),
-                DT.float().contiguous(), Trap.contiguous(), Q_bias[..., order].float().contiguous(),
-                K_bias[..., order].float().contiguous(), MIMO_V.float().contiguous(), MIMO_Z.float().contiguous(),
-                None if MIMO_O is None else MIMO_O.float().contiguous(),
-                Angles.float().expand(-1, -1, h, -1).contiguous(), None if D is None else D.float(),
-                None if Z is None else Z.contiguous(), chunk_size, n // a, V.dtype,  # rotary_dim_divisor = n / a
+                Q.contiguous(), K.contiguous(), V.contiguous(), ADT.float().contiguous(), DT.float().contiguous(),
+                Trap.contiguous(), Q_bias.float().contiguous(), K_bias.float().contiguous(),
+                MIMO_V.float().contiguous(), MIMO_Z.float().contiguous(),
+                None if MIMO_O is None else MIMO_O.float().contiguous(), angles, None if D is None else D.float(),
+                None if Z is None else Z.contiguous(), chunk_size, divisor, V.dtype,
             )
 
         found["mimo"] = (fused_mimo, "mamba3_mimo")

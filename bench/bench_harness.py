@@ -8,8 +8,9 @@ Throughput benchmark of the fixed harness (a script, not a test), on the prepare
   3. evaluation: `evaluate_bpb` on a model whose work is almost nothing (uniform logits), so the figure is the
      harness's own cost per evaluated token (row loading, the loss, the host sums). A real model's eval time is its
      forward time plus this;
-  4. evaluation against training: train_mamba_3_mlx.py's model at the active preset, the harness's per-batch scoring
-     of validation rows (what evaluate_bpb runs) and the script's training step, interleaved for --rounds rounds:
+  4. evaluation against training: train_mamba_3_mlx.py's model as its constants say (setup sized them), the
+     harness's scoring of validation rows (what evaluate_bpb runs) and the script's training step, interleaved for
+     --rounds rounds:
      tokens/s of each and their ratio (the `cpu` preset's goal: evaluation >= 2.5x training).
 
 Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8] [--rounds 3]`. Needs a prepared cache (`uv run
@@ -96,7 +97,8 @@ def evaluation_against_training(rounds, eval_batches=16):
             score(None, block[:, :-1], block[:, 1:])
         eval_rate = sum(b[:, 1:].size for b in blocks) / (time.perf_counter() - start)
         print(f"round {r + 1}: training {train_rate:,.0f} tok/s, evaluation {eval_rate:,.0f} tok/s "
-              f"({eval_rate / train_rate:.2f}x), {T.ARCHITECTURE} at preset {prepare.PRESET_NAME}")
+              f"({eval_rate / train_rate:.2f}x), {T.ARCHITECTURE} depth {T.DEPTH} d_model {T.D_MODEL}, "
+              f"preset {prepare.PRESET_NAME}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import train_hybrid_moe_mlx as H  # noqa: E402
 
 # name -> (HybridConfig fields, batch rows, row length). "local" is the local preset's hybrid section; "default" the
-# script's full-size defaults, written out so the active preset cannot change what is measured.
+# script's full-size defaults, written out so the sizes in the script cannot change what is measured.
 CONFIGS = {
     "local": (dict(pattern="ME*EM", d_model=256, d_state=32, headdim=32, num_attention_heads=4, num_kv_heads=2,
                    attn_head_dim=64, num_experts=4, top_k=2, expert_hidden=256), 4, 512),
@@ -52,7 +52,8 @@ def make_config(fields, mamba_type, module=H, checkpoint_blocks=None):
 
 
 def load_script(path):
-    """Import another copy of the training script under its own module name (its preset lines print again)."""
+    """Import another copy of the training script under its own module name (a copy from before the preset change
+    calls apply_preset, which the harness no longer has: delete its apply_preset lines first)."""
     spec = importlib.util.spec_from_file_location("base_hybrid", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

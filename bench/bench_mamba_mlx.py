@@ -50,7 +50,8 @@ def make_config(args, module=T, **overrides):
 
 
 def load_script(path):
-    """Import another copy of the training script under its own module name (its preset lines print again)."""
+    """Import another copy of the training script under its own module name (a copy from before the preset change
+    calls apply_preset, which the harness no longer has: delete its apply_preset lines first)."""
     spec = importlib.util.spec_from_file_location("base_" + os.path.basename(path).replace(".py", ""), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -41,8 +41,12 @@ def mamba3_step_common(Q, K, ADT, DT, Trap, Q_bias, K_bias, Angles, state, mimo)
         k = k + K_bias.astype(f32).transpose(1, 0, 2)
         cos, sin = cos[:, None], sin[:, None]
 
-    def rotate(x):  # pairs (0,1), (2,3), ... of the first 2a dims: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)
-        a = theta.shape[-1]
+    def rotate(x):  # (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) on a pairs, as upstream pairs them: SISO the
+        a = theta.shape[-1]  # adjacent (0,1), (2,3), ...; MIMO (j, n/2 + j), j < a; the other dims unturned
+        if mimo:
+            half = x.shape[-1] // 2
+            x0, x1 = x[..., :a], x[..., half : half + a]
+            return mx.concatenate([x0 * cos - x1 * sin, x[..., a:half], x0 * sin + x1 * cos, x[..., half + a :]], -1)
         pairs = x[..., : 2 * a].reshape(*x.shape[:-1], a, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
         rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], 2 * a)

@@ -129,17 +129,21 @@ def test_mimo_scan_matches_recurrence(b, l, h, g, n, p, a, rank, chunk):
 
 
 def test_mimo_rank_one_equals_siso():
+    """Rank 1 is SISO up to a relabelling of the state dims: MIMO turns (j, n/2 + j), SISO (2j, 2j+1) (upstream's
+    kernels), so SISO gets dims j, n/2 + j in its slots 2j, 2j+1."""
     inputs = random_inputs(2, 19, 4, 2, 8, 4, 2, rank=1, seed=3)
     ones = mx.ones((4, 1, 4))
     inputs.update(MIMO_V=ones, MIMO_Z=ones, MIMO_O=ones)
     out, state = scan(inputs, True, chunk_size=8)
-    siso = dict(inputs, Q=inputs["Q"][:, :, 0], K=inputs["K"][:, :, 0], Q_bias=inputs["Q_bias"][:, 0],
-                K_bias=inputs["K_bias"][:, 0])
+    perm = mx.array([0, 4, 1, 5, 2, 3, 6, 7])  # n = 8, a = 2
+    siso = dict(inputs, Q=inputs["Q"][:, :, 0][..., perm], K=inputs["K"][:, :, 0][..., perm],
+                Q_bias=inputs["Q_bias"][:, 0][..., perm], K_bias=inputs["K_bias"][:, 0][..., perm])
     for name in ("MIMO_V", "MIMO_Z", "MIMO_O"):
         del siso[name]
     ref, ref_state = scan(siso, False, chunk_size=8)
     assert_close(out, ref, what="output")
-    assert_close(state[2][:, 0], ref_state[2], what="k state")
+    assert_close(state[2][:, 0][..., perm], ref_state[2], what="k state")
+    assert_close(state[1][..., perm], ref_state[1], what="ssm state")
 
 
 @pytest.mark.parametrize("mimo", [False, True])
@@ -311,6 +315,26 @@ def test_step_conventions_by_hand():
     expected_y = gamma * 2.0 * sum(a * b for a, b in zip(q_rot, expected_k)) + D * 2.0
     assert abs(y.item() - expected_y) < 1e-5
     assert v_last.item() == 2.0
+
+
+def test_mimo_pairs_the_halves_by_hand():
+    """Pins MIMO's pairing (upstream's TileLang kernel and Mamba3.step): with n = 8 and two angles, dims (0, 4) and
+    (1, 5) turn by +theta, dims 2, 3, 6, 7 pass through; the reference's step and the scan's one token agree."""
+    angles, dt = 0.7, 0.3
+    theta = math.pi * math.tanh(angles) * dt
+    k = mx.array([[[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]]]])  # b r g n
+    zeros, ones = mx.zeros((1, 1, 8)), mx.ones((1, 1, 1))
+    token = dict(Q=k, K=k, V=mx.ones((1, 1, 1)), ADT=mx.array([[-0.5]]), DT=mx.array([[dt]]), Trap=mx.array([[0.4]]),
+                 Q_bias=zeros, K_bias=zeros, Angles=mx.array([[[angles, angles]]]), MIMO_V=ones, MIMO_Z=ones,
+                 MIMO_O=ones)
+    _, (_, _, k_rot, _) = R.mamba3_mimo_step(**token)
+    c, s = math.cos(theta), math.sin(theta)
+    expected = [c - 5 * s, 2 * c - 6 * s, 3.0, 4.0, s + 5 * c, 2 * s + 6 * c, 7.0, 8.0]
+    assert mx.allclose(k_rot[0, 0, 0], mx.array(expected), atol=1e-5).item()
+    sequence = {name: value[:, None] if name in ("Q", "K", "V", "Angles") else value for name, value in token.items()}
+    sequence.update(ADT=token["ADT"][..., None], DT=token["DT"][..., None], Trap=token["Trap"][..., None])
+    _, (_, _, k_scan, _) = scan(sequence, True, chunk_size=4)
+    assert mx.allclose(k_scan[0, 0, 0], mx.array(expected), atol=1e-5).item()
 
 
 def siso_scan_errors():

@@ -289,6 +289,31 @@ def test_scan_precision_on_cuda_with_and_without_tf32(allow_tf32, tolerance):
     assert_close(state[1].cpu(), ref_state[1], tolerance, "final state")
 
 
+def test_rotation_pairs_as_upstream_by_hand():
+    """Pins the pairings (upstream's kernels): with n = 8 and two angles, SISO turns dims (0, 1), (2, 3); MIMO turns
+    (0, 4), (1, 5); the other dims pass through. The step and the chunked scan agree on the one-token k state."""
+    angles, dt = 0.7, 0.3
+    theta = math.pi * math.tanh(angles) * dt
+    c, s = math.cos(theta), math.sin(theta)
+    k = torch.arange(1.0, 9.0)
+    expected = {False: [c - 2 * s, s + 2 * c, 3 * c - 4 * s, 3 * s + 4 * c, 5.0, 6.0, 7.0, 8.0],
+                True: [c - 5 * s, 2 * c - 6 * s, 3.0, 4.0, s + 5 * c, 2 * s + 6 * c, 7.0, 8.0]}
+    for mimo in (False, True):
+        kk = k.reshape(1, 1, 1, 8) if mimo else k.reshape(1, 1, 8)  # (b r g n) or (b g n)
+        bias = torch.zeros(1, 1, 8) if mimo else torch.zeros(1, 8)
+        token = dict(Q=kk, K=kk, V=torch.ones(1, 1, 1), ADT=torch.tensor([[-0.5]]), DT=torch.tensor([[dt]]),
+                     Trap=torch.tensor([[0.4]]), Q_bias=bias, K_bias=bias, Angles=torch.tensor([[[angles, angles]]]))
+        if mimo:
+            token.update(MIMO_V=torch.ones(1, 1, 1), MIMO_Z=torch.ones(1, 1, 1), MIMO_O=torch.ones(1, 1, 1))
+        _, (_, _, k_step, _) = (tm.mamba3_mimo_step if mimo else tm.mamba3_siso_step)(**token)
+        sequence = {name: value.unsqueeze(1) if name in ("Q", "K", "V", "Angles") else value
+                    for name, value in token.items()}
+        sequence.update(ADT=token["ADT"][..., None], DT=token["DT"][..., None], Trap=token["Trap"][..., None])
+        _, (_, _, k_scan, _) = mamba3_scan(sequence, mimo, chunk_size=4)
+        for got in (k_step, k_scan):
+            assert torch.allclose(got.flatten(), torch.tensor(expected[mimo]), atol=1e-6), (mimo, got)
+
+
 def test_cumulative_angles_stay_precise_on_long_sequences():
     """The two-level angle sum (within chunks, then wrapped chunk totals) against a float64 running sum."""
     gen = make_generator(7)
