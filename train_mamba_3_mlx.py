@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
@@ -20,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+ON_CPU = mx.default_device() == mx.cpu  # MLX's CPU backend: the speed section's fast paths and float32
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: the values this run trains with (setup writes the preset's sizes here; program.md)
 
@@ -27,13 +30,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"
 DEPTH = 8  # number of mixer blocks
 D_MODEL = 768  # width of the residual stream
-D_STATE = 64  # SSM state size n per head (the "key/query" side)
+D_STATE = 64  # SSM state size n per head (the "key/query" side); upstream's default is 128
 HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 0  # tokens per chunk of the chunked scan; 0 = the block's measured default (Mamba-2 32, Mamba-3
-# 64 // MIMO rank). Larger chunks cost more per token inside the chunk, smaller ones more state passing.
+CHUNK_SIZE = 0  # scan chunk, speed only; 0 = measured default: Mamba-2 32 (upstream 256), Mamba-3 64 // MIMO rank
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
@@ -48,8 +50,7 @@ MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
 OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
-MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP). Measured on the cpu preset (README); other sizes keep it,
-# since Muon's update is scaled to AdamW's RMS (its rate carries across widths to first order; no GPU has checked it)
+MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP); measured on the cpu preset, Muon's RMS scaling carries it
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
 SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
 MUON_MOMENTUM = 0.95
@@ -59,14 +60,13 @@ ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
 GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rate up from 0 (0 = start at the peak)
-WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
+WARMUP_RATIO = 0.0  # share of the time budget ramping the learning rate up from 0
+WARMDOWN_RATIO = 0.5  # share of the budget at the end decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 on GPU, fp32 on CPU, measured)
-CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass instead of keeping its activations: default
-# model at 8 x 2048, SISO 23 -> 6.5 GB, for +18-25% step time on the CPU (README); off in the cpu and local presets
+CHECKPOINT_BLOCKS = True  # recompute blocks in the backward pass: SISO at 8 x 2048 23 -> 6.5 GB, +18-25% step time
 SEED = 42
-
+EXPORT_UPSTREAM_DIR = ""  # a folder: the final weights and config in mamba_ssm's layout (after the summary; "" = off)
 
 
 @dataclass
@@ -99,16 +99,15 @@ class ModelConfig:
 # SECTION: Mamba (shared layers, the chunked scan, Mamba-2 and Mamba-3 blocks)  [identical in both MLX scripts]
 # =====================================================================================================================
 # Papers: Mamba-2 "Transformers are SSMs" (Dao & Gu, 2024, arXiv:2405.21060), its SSD algorithm as in mamba_ssm's
-# ssd_minimal.py; Mamba-3 (2025, mamba_ssm's Mamba3 module and step references). exp, sigmoid, cos_sin,
-# decay_matrix and causal_conv1d are the exact functions, defined in the speed section at the end of this file.
+# ssd_minimal.py; Mamba-3 (2025, mamba_ssm's Mamba3 module and step references).
 
 
 def silu(x):
-    return x * sigmoid(x)
+    return x * sigmoid(x)  # sigmoid, exp, cos_sin: exact and fast on the CPU (speed section)
 
 
 def softplus(x):
-    return mx.maximum(x, 0.0) + mx.log1p(exp(-mx.abs(x)))  # log(1 + e^x) without overflow
+    return mx.maximum(x, 0.0) + mx.log1p(exp(-mx.abs(x)))  # log(1 + e^x) without overflow; exp: speed section
 
 
 def rms_norm(x, weight=None, eps=1e-5):
@@ -138,10 +137,7 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
     (w, None = 1), diag_weight (gamma, None = w) `... C c`, start_state `... p n`; head axes may broadcast (SSD shares
     q, k within a group), and rank r > 1 (Mamba-3 MIMO) puts r keys and queries per token. Returns y `... C (c r) p`
     and the final state `... p n`.
-    Float32; the decays and the state passing are element-wise, so true float32 on every backend; the matmuls run as
-    TF32 on CUDA (and M5) GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 of the model around them.
-    A checkpointed Mamba-3 MIMO block takes gated_chunked_scan instead: the same forward, with a hand-written
-    gradient that keeps only the inputs (speed section)."""
+    Float32 (its matmuls TF32 on CUDA and M5 GPUs unless MLX_ENABLE_TF32=0, still finer than the bf16 around it)."""
     rank = q.shape[-2] // log_alpha.shape[-1]
     # 1. Inside each chunk: causal "attention" q_t . k_s weighted by the decay L[t, s] = alpha_{s+1} ... alpha_t.
     decay, mix, to_end, from_start = chunk_gates(log_alpha, weight, diag_weight)
@@ -152,14 +148,14 @@ def chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state):
         to_end, from_start = mx.repeat(to_end, rank, axis=-1), mx.repeat(from_start, rank, axis=-1)
     shared = k.shape[-4] == 1 < v.shape[-4]  # SSD: the heads of a group share q and k
     chunk_states = (v * to_end[..., None]).swapaxes(-1, -2)  # ... C p (c r)
-    chunk_states = shared_matmul(chunk_states, k) if shared else chunk_states @ k  # ... C p n
+    chunk_states = shared_matmul(chunk_states, k) if shared else chunk_states @ k  # ... C p n (speed section)
     # 3. Pass the states across chunks, a loop over chunks (not tokens): S_in[j+1] = decay of chunk j * S_in[j] + its
     #    own state, from S_in[0] = start_state.
     start_state = mx.broadcast_to(start_state, chunk_states.shape[:-3] + chunk_states.shape[-2:])
-    entering, final = carry_states(chunk_decay[..., None, None], chunk_states, start_state)
+    entering, final = carry_states(chunk_decay[..., None, None], chunk_states, start_state)  # speed section
     # 4. Each token reads the state its chunk received, decayed from the chunk start.
     if shared:
-        read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p
+        read = shared_matmul(entering, q.swapaxes(-1, -2)).swapaxes(-1, -2)  # ... C (c r) p (speed section)
     else:
         read = q @ entering.swapaxes(-1, -2)
     return y + read * from_start[..., None], final
@@ -169,12 +165,12 @@ def chunk_gates(log_alpha, weight, diag_weight):
     """The per-chunk factors of chunked_scan: decay L `... C c c`, mix (L weighted, gamma on the diagonal), to_end
     L[end, s] w_s and from_start (the decay from the chunk start to each token) `... C c`."""
     c = log_alpha.shape[-1]
-    decay = decay_matrix(log_alpha)  # L[t, s] = alpha_{s+1} ... alpha_t
+    decay = decay_matrix(log_alpha)  # L[t, s] = alpha_{s+1} ... alpha_t (speed section)
     mix = decay if weight is None else decay * weight[..., None, :]
     if diag_weight is not None:
         mix = mx.where(mx.eye(c, dtype=mx.bool_), diag_weight[..., :, None], mix)
     to_end = decay[..., -1, :] if weight is None else decay[..., -1, :] * weight
-    from_start = exp(mx.cumsum(log_alpha, axis=-1))
+    from_start = exp(mx.cumsum(log_alpha, axis=-1))  # speed section
     return decay, mix, to_end, from_start
 
 
@@ -186,15 +182,6 @@ def rank_mix(scores, mix):
         return scores * mix
     lead = scores.shape[:-2]
     return (scores.reshape(*lead, c, rank, c, rank) * mix[..., :, None, :, None]).reshape(scores.shape)
-
-
-def shared_matmul(per_head, shared):
-    """per_head `... h C m k` @ shared `... 1 C k n`: the heads share the right operand (SSD's B and C within a
-    group), so their rows are stacked into one (h m) x k matmul per chunk (a few large products run faster than many
-    small ones, measured)."""
-    *lead, h, C, m, k = per_head.shape
-    out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
-    return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
 
 
 def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
@@ -278,7 +265,7 @@ class CausalConv1d(nn.Module):
         if history is None:
             history = mx.zeros((x.shape[0], K - 1, x.shape[2]), x.dtype)
         window = mx.concatenate([history.astype(x.dtype), x], axis=1)  # [b K-1+l c]
-        out = causal_conv1d(window, self.weight.astype(x.dtype), self.bias.astype(x.dtype))
+        out = causal_conv1d(window, self.weight.astype(x.dtype), self.bias.astype(x.dtype))  # speed section
         return out, window[:, window.shape[1] - (K - 1) :]
 
 
@@ -330,12 +317,11 @@ class Mamba2(nn.Module):
 #     beta_t = (1 - lam_t) dt_t alpha_t,   gamma_t = lam_t dt_t    (the exponential-trapezoidal rule)
 #     theta_t = theta_{t-1} + pi tanh(angles_t) dt_t (mod 2 pi); q, k rotated by theta_t on pairs of dims as upstream's
 #     kernels pair them: SISO (0,1), (2,3), ...; MIMO (0, n/2), (1, n/2 + 1), ...
-# MIMO (rank r): r keys, queries and values per token, v_{t,i} = x_t * mimo_v[i], outputs gated by silu(z_t * mimo_z[i])
-# and summed with weights mimo_o[i]. State of a sequence: (angle `b h a`, ssm `b h p n`, last rotated k `b h n`
-# (`b r h n` for MIMO), last x `b h p`). The one-token step references are in tests/mlx_reference.py.
-# Chunked form: the "preloaded" state P_t = S_t + beta'_{t+1} v_t k~_t^T (beta' = (1 - lam) dt, beta'_L = 0) obeys
-# chunked_scan's recurrence with w_t = gamma_t + beta'_{t+1} and diagonal weight gamma_t; a carried (k, v) folds into
-# the start state as beta'_0 v_prev k~_prev^T, and the final P is the final S.
+# MIMO (rank r): r keys, queries, values per token, v_{t,i} = x_t * mimo_v[i], outputs gated by silu(z_t * mimo_z[i])
+# and summed with weights mimo_o[i]. State: (angle `b h a`, ssm `b h p n`, last rotated k `b h n` (MIMO `b r h n`),
+# last x `b h p`); step references in tests/mlx_reference.py. Chunked: P_t = S_t + beta'_{t+1} v_t k~_t^T (beta' =
+# (1 - lam) dt, beta'_L = 0) obeys chunked_scan's recurrence with w_t = gamma_t + beta'_{t+1}, diagonal gamma_t; a
+# carried (k, v) enters the start state as beta'_0 v_prev k~_prev^T.
 
 
 def wrap_angle(theta):
@@ -358,7 +344,7 @@ def rotation(theta, n, halves=False):
     (x_i, x_j) -> (x_i cos - x_j sin, x_i sin + x_j cos); other dims pass through. Pairs (2k, 2k+1), or (k, n/2 + k)
     with halves=True (MIMO), k < a: upstream's SISO and MIMO kernels."""
     a, lead = theta.shape[-1], [(0, 0)] * (theta.ndim - 1)
-    cos, sin = cos_sin(theta)
+    cos, sin = cos_sin(theta)  # speed section
     if halves:
         cos, sin = mx.pad(cos, lead + [(0, n // 2 - a)], constant_values=1.0), mx.pad(sin, lead + [(0, n // 2 - a)])
         return mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)
@@ -391,71 +377,95 @@ def heads_qk(X, bias, heads):
     return (X + bias.reshape(g, heads // g, 1, *bias.shape[1:])).reshape(X.shape[0], heads, *X.shape[3:])
 
 
-def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, mimo, lean_backward):
-    """Shared body of the SISO (mimo None) and MIMO (mimo = (MIMO_V, MIMO_Z, MIMO_O)) scans; layout `b h l ...`."""
-    f32 = mx.float32
-    out_dtype = V.dtype
-    Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles = (t.astype(f32) for t in (Q, K, V, ADT, DT, Trap, Q_bias,
-                                                                              K_bias, Angles))
-    b, l, h, p = V.shape
-    n, a = Q.shape[-1], Angles.shape[-1]
-    rank = 1 if mimo is None else Q.shape[2]
+class Mamba3Inputs(NamedTuple):
+    """A Mamba-3 scan's inputs, as mamba3_siso_scan and mamba3_mimo_scan describe them (D and Z may be None)."""
+
+    Q: mx.array
+    K: mx.array
+    V: mx.array
+    ADT: mx.array
+    DT: mx.array
+    Trap: mx.array
+    Q_bias: mx.array
+    K_bias: mx.array
+    Angles: mx.array
+    D: mx.array = None
+    Z: mx.array = None
+
+
+class MimoWeights(NamedTuple):
+    """MIMO's per-rank weights `h r p`: x up to the rank values, z up to the rank gates (None without Z), the outputs
+    down (None keeps the ranks apart)."""
+
+    up_x: mx.array
+    up_z: mx.array = None
+    down: mx.array = None
+
+
+def mamba3_scan(inputs, mimo, initial_states, chunk_size, lean_backward):
+    """Shared body of the SISO (mimo None) and MIMO (mimo a MimoWeights) scans; layout `b h l ...`."""
+    s = Mamba3Inputs(*(None if t is None else t.astype(mx.float32) for t in inputs))  # float32 inside
+    mimo = None if mimo is None else MimoWeights(*(None if t is None else t.astype(mx.float32) for t in mimo))
+    b, l, h, p = s.V.shape
+    n, a = s.Q.shape[-1], s.Angles.shape[-1]
     chunk_size = min(chunk_size, l)
     if initial_states is None:
-        k_shape = (b, h, n) if mimo is None else (b, rank, h, n)
+        k_shape = (b, h, n) if mimo is None else (b, s.Q.shape[2], h, n)
         initial_states = (mx.zeros((b, h, a)), mx.zeros((b, h, p, n)), mx.zeros(k_shape), mx.zeros((b, h, p)))
-    angle0, ssm0, k0, x0 = (t.astype(f32) for t in initial_states)
+    angle0, ssm0, k0, x0 = (t.astype(mx.float32) for t in initial_states)
+    if lean_backward:  # the same forward; hand-written gradients that keep only their inputs (speed section)
+        rotate_qk, gate_down = lean_rotate, mimo_gate_down  # speed section
+
+        def scan(q, k, v, log_alpha, weight, diag_weight, start_state):
+            return gated_chunked_scan(log_alpha, weight, diag_weight, q, k, v, start_state)  # speed section
+    else:
+        rotate_qk, scan, gate_down = rotate, chunked_scan, None
 
     # 1. Angles, then q and k rotated token by token (rotations compose: q~_t . k~_s sees theta_t - theta_s).
-    theta = cumulative_angles(math.pi * mx.tanh(Angles).transpose(0, 2, 1, 3) * DT[..., None], angle0, chunk_size)
+    theta = cumulative_angles(math.pi * mx.tanh(s.Angles).transpose(0, 2, 1, 3) * s.DT[..., None], angle0, chunk_size)
     cos, sin = rotation(theta, n, halves=mimo is not None)  # b h l n
-    rotated = lean_rotate if lean_backward else rotate
-    q = rotated(heads_qk(Q, Q_bias, h), cos, sin)  # b h l n (b h l r n)
-    k = rotated(heads_qk(K, K_bias, h), cos, sin)
-    x = V.transpose(0, 2, 1, 3)  # b h l p
-    v = x if mimo is None else x[:, :, :, None] * mimo[0].astype(f32)[:, None]  # b h l (r) p
+    q = rotate_qk(heads_qk(s.Q, s.Q_bias, h), cos, sin)  # b h l n (b h l r n)
+    k = rotate_qk(heads_qk(s.K, s.K_bias, h), cos, sin)
+    x = s.V.transpose(0, 2, 1, 3)  # b h l p
+    v = x if mimo is None else x[:, :, :, None] * mimo.up_x[:, None]  # b h l (r) p
 
     # 2. Trapezoid weights: w_t = gamma_t + beta'_{t+1} on the state, gamma_t on the diagonal.
-    gamma = sigmoid(Trap) * DT
-    beta_prime = DT - gamma  # (1 - lam) dt
+    gamma = sigmoid(s.Trap) * s.DT  # sigmoid: speed section
+    beta_prime = s.DT - gamma  # (1 - lam) dt
     weight = gamma + mx.pad(beta_prime[..., 1:], [(0, 0), (0, 0), (0, 1)])
 
     # 3. The carried (k, v) of the previous segment enters the start state with weight beta'_0.
     if mimo is None:
         carried = (x0 * beta_prime[..., :1])[..., :, None] * k0[..., None, :]
     else:
-        v0 = x0[:, :, None] * mimo[0].astype(f32)[None] * beta_prime[..., :1, None]  # b h r p
+        v0 = x0[:, :, None] * mimo.up_x[None] * beta_prime[..., :1, None]  # b h r p
         carried = v0.swapaxes(-1, -2) @ k0.transpose(0, 2, 1, 3)
-    start_state = ssm0 + carried
 
     # 4. The chunked scan (MIMO: each chunk holds c*r queries and keys).
     chunked = [to_chunks(t, chunk_size, 2) for t in (q, k, v)]
     chunked = [t.reshape(*t.shape[:3], -1, t.shape[-1]) for t in chunked]  # b h C (c r) n|p
-    gates = [to_chunks(t, chunk_size, 2) for t in (ADT, weight, gamma)]
-    if lean_backward:  # the same forward; its gradient keeps only the inputs and rebuilds the rest
-        y, final_ssm = gated_chunked_scan(*gates, *chunked, start_state)
-    else:
-        y, final_ssm = chunked_scan(*chunked, *gates, start_state)
+    gates = [to_chunks(t, chunk_size, 2) for t in (s.ADT, weight, gamma)]
+    y, final_ssm = scan(*chunked, *gates, ssm0 + carried)
     y = y.reshape(b, h, -1, *v.shape[3:])[:, :, :l]  # b h l (r) p
 
     # 5. Skip D, the gate, and for MIMO the down-projection of the ranks.
-    z = None if Z is None else Z.astype(f32).transpose(0, 2, 1, 3)
-    if lean_backward and mimo is not None and all(t is not None for t in (D, z, mimo[1], mimo[2])):
-        y = mimo_gate_down(y, v, z, D.astype(f32), mimo[1].astype(f32), mimo[2].astype(f32)).transpose(0, 2, 1, 3)
+    z = None if s.Z is None else s.Z.transpose(0, 2, 1, 3)
+    if gate_down is not None and mimo is not None and all(t is not None for t in (s.D, z, mimo.up_z, mimo.down)):
+        y = gate_down(y, v, z, s.D, mimo.up_z, mimo.down).transpose(0, 2, 1, 3)
     else:
-        if D is not None:
-            y = y + D.astype(f32).reshape(h, 1, *([1] * (v.ndim - 4)), 1) * v
+        if s.D is not None:
+            y = y + s.D.reshape(h, 1, *([1] * (v.ndim - 4)), 1) * v
         if mimo is None:
             y = (y if z is None else y * silu(z)).transpose(0, 2, 1, 3)  # b l h p
         else:
             if z is not None:
-                y = y * silu(z[:, :, :, None] * mimo[1].astype(f32)[:, None])
-            if mimo[2] is not None:
-                y = (y * mimo[2].astype(f32)[:, None]).sum(axis=3).transpose(0, 2, 1, 3)  # b l h p
+                y = y * silu(z[:, :, :, None] * mimo.up_z[:, None])
+            if mimo.down is not None:
+                y = (y * mimo.down[:, None]).sum(axis=3).transpose(0, 2, 1, 3)  # b l h p
             else:
                 y = y.transpose(0, 2, 3, 1, 4)  # b l r h p
     k_last = k[:, :, -1] if mimo is None else k[:, :, -1].transpose(0, 2, 1, 3)
-    return y.astype(out_dtype), (theta[:, :, -1], final_ssm, k_last, x[:, :, -1])
+    return y.astype(inputs.V.dtype), (theta[:, :, -1], final_ssm, k_last, x[:, :, -1])
 
 
 def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, initial_states=None,
@@ -466,8 +476,8 @@ def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=N
     Returns (out `b l h p` in V's dtype, (angle `b h a`, ssm `b h p n`, k `b h n`, x `b h p`) float32).
     lean_backward: the hand-written gradients that keep only their inputs (less memory, more time: what a checkpointed
     block is for)."""
-    return mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, None,
-                       lean_backward)
+    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    return mamba3_scan(inputs, None, initial_states, chunk_size, lean_backward)
 
 
 def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
@@ -476,8 +486,8 @@ def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIM
     As mamba3_siso_scan, except Q, K `b l r g n`, Q_bias, K_bias `h r n`, MIMO_V, MIMO_Z, MIMO_O `h r p` (MIMO_Z is
     needed when Z is given), the carried k `b r h n`, and out `b l r h p` (before the down-projection) when MIMO_O is
     None."""
-    return mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size,
-                       (MIMO_V, MIMO_Z, MIMO_O), lean_backward)
+    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    return mamba3_scan(inputs, MimoWeights(MIMO_V, MIMO_Z, MIMO_O), initial_states, chunk_size, lean_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -501,8 +511,7 @@ class Mamba3(nn.Module):
         self.is_mimo, self.is_outproj_norm, self.a_floor = c.is_mimo, c.is_outproj_norm, c.a_floor
         self.mimo_rank = c.mimo_rank if c.is_mimo else 1
         self.chunk_size = c.chunk_size or max(1, 64 // self.mimo_rank)  # measured default: a 64 x 64 product
-        # MIMO's checkpointed backward takes the hand-written gradients that keep only their inputs (memory over
-        # time, as the checkpoint itself); SISO's is small enough, and faster by autodiff (measured)
+        # checkpointed MIMO: gradients that keep only their inputs (memory over time); SISO's autodiff is faster
         self.lean_backward = c.checkpoint_blocks and c.is_mimo
         self.num_rope_angles = int(c.d_state * c.rope_fraction) // 2
         r, h, n = self.mimo_rank, self.nheads, c.d_state
@@ -588,7 +597,7 @@ class Block(nn.Module):
             x = x + self.mlp(block_input(self.mlp_norm, x, self.compute_dtype))
         return x, state
 
-    def output_only(self, x):  # for checkpointing: the state is not kept (its last-token slices would pin whole buffers)
+    def output_only(self, x):  # for checkpointing: the state is not kept (its last-token slices would pin buffers)
         return self(x)[0]
 
 
@@ -616,7 +625,7 @@ class MambaLM(nn.Module):
             if cache is not None:
                 x, cache[i] = layer(x, cache[i])
             elif self.config.checkpoint_blocks:  # the backward pass recomputes what the block made from x
-                x = checkpoint_block(layer, layer.output_only)(x)
+                x = checkpoint_block(layer, layer.output_only)(x)  # speed section
             else:
                 x = layer(x)[0]
         x = self.norm_f(x).astype(self.compute_dtype)
@@ -646,7 +655,7 @@ def cross_entropy(logits, targets):
     logits = logits.astype(mx.float32)
     if ON_CPU:
         peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-        lse = peak[..., 0] + mx.log(exp(logits - peak).sum(axis=-1))
+        lse = peak[..., 0] + mx.log(exp(logits - peak).sum(axis=-1))  # speed section
     else:
         lse = mx.logsumexp(logits, axis=-1)
     return (lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]).mean()
@@ -654,7 +663,7 @@ def cross_entropy(logits, targets):
 
 def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
     """Sample a continuation of `prompt` (temperature 0 = greedy): the prompt in one chunked pass, then one token at a
-    time through the same path with each layer's carried state, O(1) per token."""
+    time with each layer's carried state."""
     cache = [None] * len(model.layers)
     ids = mx.array([tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())], mx.int32)
     logits = model(ids, cache)[:, -1]
@@ -670,19 +679,16 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Optimizer: three groups. The projection matrices (matrix_parameters) at MATRIX_LR with decoupled weight decay, by Muon
-# (OPTIMIZER = "muon") or AdamW ("adamw"); the embedding at EMBEDDING_LR with weight decay, and everything else (A_log,
-# dt_bias, D, norms, biases, conv taps) at SCALAR_LR without, both by AdamW. The schedule scales every rate by one
-# multiplier. Muon (Jordan et al., 2024): Nesterov momentum, orthogonalised by a Newton-Schulz iteration, so that every
-# direction of a matrix's update moves at the same rate; scaled to AdamW's update size (0.2 sqrt(max(rows, cols)), as
-# in Moonlight, arXiv:2502.16982), so the two share learning rates' scale and weight decay. Written out here, not
-# mlx.optimizers.Muon: that one flattens the experts' stacked matrices into one and adds the decay to the gradient.
+# Optimizer: the projection matrices (matrix_parameters) at MATRIX_LR with decoupled weight decay, by Muon or AdamW
+# (OPTIMIZER); the embedding at EMBEDDING_LR with decay and the rest at SCALAR_LR without, by AdamW. Muon (Jordan et
+# al., 2024): Nesterov momentum orthogonalised by Newton-Schulz, scaled to AdamW's update size (0.2 sqrt(max(rows,
+# cols)), Moonlight, arXiv:2502.16982) so both share rates and decay. Not mlx.optimizers.Muon: that one flattens the
+# experts' stacked matrices into one and adds the decay to the gradient.
 
 
 def orthogonalise(g):
-    """U V^T of g = U S V^T, approximately, per matrix over the last two axes: MUON_NS_STEPS quintic Newton-Schulz
-    iterations (coefficients from Jordan et al.) that push every singular value of g / |g| into about [0.7, 1.2].
-    float32 on the CPU (bf16 matmuls bypass its BLAS), bf16 elsewhere."""
+    """About U V^T of g = U S V^T per matrix (last two axes): MUON_NS_STEPS quintic Newton-Schulz iterations (Jordan
+    et al.'s coefficients) push every singular value of g / |g| into about [0.7, 1.2]. float32 on the CPU (its BLAS)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.astype(mx.float32 if ON_CPU else mx.bfloat16)
     tall = x.shape[-2] > x.shape[-1]
@@ -751,9 +757,9 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps):
-    """One optimizer step: a compiled forward+backward per micro-batch, gradients summed on the device without a host
-    sync (mx.async_eval lets the host fetch the next batch meanwhile), then a compiled mean + clip + optimizer update.
-    Returns step(batches, lr_mult) -> (mean loss, an mx.array already scheduled, epoch of the last batch)."""
+    """One optimizer step: a compiled forward+backward per micro-batch, gradients summed on the device (async_eval: the
+    host fetches the next batch meanwhile), then a compiled mean + clip + update. step(batches, lr_mult) -> (mean loss
+    as a scheduled mx.array, epoch of the last batch)."""
     loss_and_grad = nn.value_and_grad(model, lambda inputs, targets: cross_entropy(model(inputs), targets))
     # The model's and optimizer's arrays are the compiled functions' implicit inputs and outputs.
     forward_backward = mx.compile(loss_and_grad, inputs=model.state, outputs=model.state)
@@ -800,6 +806,8 @@ def check_hyperparameters(tokens_per_micro_step):
         ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
         ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
          f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
+        ("EXPORT_UPSTREAM_DIR", not EXPORT_UPSTREAM_DIR or os.path.isdir(os.path.dirname(os.path.abspath(
+            EXPORT_UPSTREAM_DIR))), f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}"),
         ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
          f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
          f"got {TOTAL_BATCH_SIZE!r}"),
@@ -816,11 +824,10 @@ def main():
     print(prepare.harness_line())  # the preset and the harness constants in force
     seq_len = prepare.MAX_SEQ_LEN
     check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
-    check_hand_written_gradients()  # an edited forward with a stale gradient stops the run here
+    check_hand_written_gradients()  # a forward edited without its gradient stops the run here (speed section)
     mx.random.seed(SEED)  # the same on every rank: all ranks start from the same weights
     tokenizer = prepare.Tokenizer.from_directory()
-    # bf16 where the device runs it well (GPUs); on MLX's CPU backend bf16 matmuls bypass the BLAS (`bench/
-    # bench_mamba_mlx.py --only dtype`: the step ~12x slower), so "auto" is float32 there.
+    # "auto": bf16 on GPUs; float32 on MLX's CPU, whose bf16 matmuls bypass the BLAS (~12x slower step, measured)
     if COMPUTE_DTYPE == "auto":
         compute_dtype = mx.float32 if ON_CPU else mx.bfloat16
     else:
@@ -848,8 +855,7 @@ def main():
 
     prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
 
-    # The clock: training_time counts every step but the first (it compiles). A step runs while its predicted middle
-    # falls before TIME_BUDGET (the run ends at the step end nearest to it); the schedule reads progress there.
+    # The clock counts every step but the first (it compiles); a step runs while its predicted middle is in budget.
     training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
     while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
         t0 = time.time()
@@ -899,6 +905,8 @@ def main():
         "num_params_M": num_params / 1e6,
         "depth": DEPTH,
     }, trained_tokens=step * TOTAL_BATCH_SIZE, dist=dist)
+    if EXPORT_UPSTREAM_DIR and dist.rank == 0:
+        export_upstream(model, EXPORT_UPSTREAM_DIR)  # below the speed section
 
 
 # =====================================================================================================================
@@ -909,7 +917,15 @@ def main():
 # ops). Gradients are written by hand where autodiff was 2x-20x slower, each checked against autodiff of its forward
 # at start. (`f.vjp(g)` is called: the decorator form would make g a second, unchecked custom function.)
 
-ON_CPU = mx.default_device() == mx.cpu
+def shared_matmul(per_head, shared):
+    """per_head `... h C m k` @ shared `... 1 C k n`: the heads share the right operand (SSD's B and C within a
+    group), so their rows are stacked into one (h m) x k matmul per chunk (a few large products run faster than many
+    small ones, measured)."""
+    *lead, h, C, m, k = per_head.shape
+    out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
+    return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
+
+
 HAND_WRITTEN_GRADIENTS = []  # (name, forward, function with the custom gradient, example inputs)
 
 
@@ -1311,6 +1327,66 @@ def checkpoint_block(module, fn):
 # =====================================================================================================================
 # END SECTION: Speed machinery
 # =====================================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A recipe that transfers: EXPORT_UPSTREAM_DIR writes the final model under mamba_ssm's MambaLMHeadModel names and
+# config (README, "Taking a recipe to mamba_ssm"). Upstream pads the vocabulary to a multiple of 8, keeps the conv as
+# conv1d (C, 1, K) and stores the tied lm_head too; Mamba-3 MIMO rotates the state's halves as here.
+
+UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.weight", "norm_weight": "norm.weight",
+                  "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
+
+
+def upstream_state(model):
+    """{upstream name: float32 array} of a MambaLM's weights."""
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        value = value.astype(mx.float32)
+        if name == "embed.weight":
+            value = mx.pad(value, [(0, -value.shape[0] % 8), (0, 0)])
+            out["backbone.embedding.weight"], out["lm_head.weight"] = value, value
+        elif name == "norm_f.weight":
+            out["backbone.norm_f.weight"] = value
+        else:
+            _, i, part, rest = name.split(".", 3)  # layers.{i}.{mixer, norm, mlp_norm, mlp}.{rest}
+            if part == "mixer":
+                value = value.T[:, None, :] if rest == "conv.weight" else value  # (K, C) -> (C, 1, K)
+                out[f"backbone.layers.{i}.mixer.{UPSTREAM_NAMES.get(rest, rest)}"] = value
+            else:  # the block's norms and its MLP
+                key = {"norm": "norm", "mlp_norm": "norm2"}.get(part, part)
+                out[f"backbone.layers.{i}.{key}.{rest}"] = value
+    return out
+
+
+def upstream_config(config):
+    """MambaLMHeadModel's config (mamba_ssm's MambaConfig fields) of a ModelConfig."""
+    ssm = dict(layer="Mamba3" if config.architecture == "mamba-3" else "Mamba2", d_state=config.d_state,
+               expand=config.expand, headdim=config.headdim, ngroups=config.ngroups, dt_min=config.dt_min,
+               dt_max=config.dt_max, dt_init_floor=config.dt_init_floor)
+    if config.architecture == "mamba-3":
+        ssm.update(rope_fraction=config.rope_fraction, A_floor=config.a_floor, is_mimo=config.is_mimo,
+                   mimo_rank=config.mimo_rank, is_outproj_norm=config.is_outproj_norm)
+    else:
+        ssm.update(d_conv=config.d_conv)
+    return dict(d_model=config.d_model, d_intermediate=config.mlp_expand * config.d_model, n_layer=config.depth,
+                vocab_size=config.vocab_size, ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
+                residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+
+
+def export_upstream(model, directory):
+    """model.safetensors, then config.json (each whole or not at all: the config last marks a complete export)."""
+    import json
+
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, "model.safetensors")
+    mx.save_safetensors(weights + ".tmp.safetensors", upstream_state(model))
+    os.replace(weights + ".tmp.safetensors", weights)
+    config = upstream_config(model.config)
+    prepare._write_atomic(os.path.join(directory, "config.json"), lambda f: json.dump(config, f, indent=1), "w")
+    hidden = config["d_intermediate"]
+    note = f"; MLP_EXPAND's {hidden} is not a multiple of 128, upstream's MLP width" if hidden % 128 else ""
+    print(f"export: {directory} (config.json, model.safetensors: mamba_ssm's MambaLMHeadModel names{note})")
 
 if __name__ == "__main__":
     prepare.run(main)

@@ -15,6 +15,8 @@ CASES = [  # (script, constants edited in a smoke-sized copy, expected text)
     ("train_mamba_3_mlx.py", {"TOTAL_BATCH_SIZE": 500}, "TOTAL_BATCH_SIZE must be a multiple of"),
     ("train_mamba_3_mlx.py", {"D_MODEL": 60}, "HEADDIM must divide EXPAND * D_MODEL (120), got 16"),
     ("train_mamba_3_mlx.py", {"COMPUTE_DTYPE": "fp8"}, "COMPUTE_DTYPE must be one of"),
+    ("train_mamba_3_mlx.py", {"EXPORT_UPSTREAM_DIR": "/no/such/folder/export"},
+     "EXPORT_UPSTREAM_DIR must be a folder whose parent exists, got '/no/such/folder/export'"),
     ("train_mamba_3_mlx.py", {"ARCHITECTURE": "mamba-4"},
      "ARCHITECTURE must be one of 'mamba-2', 'mamba-3', got 'mamba-4' (set in the script)"),
     ("train_hybrid_moe_mlx.py", {"HYBRID_PATTERN": "MX"}, "HYBRID_PATTERN 'MX': has unknown character(s) 'X'"),
