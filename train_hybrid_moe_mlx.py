@@ -19,9 +19,9 @@ import gc
 import math
 import os
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
@@ -416,29 +416,10 @@ def heads_qk(X, bias, heads):
     return (X + bias.reshape(g, heads // g, 1, *bias.shape[1:])).reshape(X.shape[0], heads, *X.shape[3:])
 
 
-class Mamba3Inputs(NamedTuple):
-    """A Mamba-3 scan's inputs, as mamba3_siso_scan and mamba3_mimo_scan describe them (D and Z may be None)."""
-
-    Q: mx.array
-    K: mx.array
-    V: mx.array
-    ADT: mx.array
-    DT: mx.array
-    Trap: mx.array
-    Q_bias: mx.array
-    K_bias: mx.array
-    Angles: mx.array
-    D: mx.array = None
-    Z: mx.array = None
-
-
-class MimoWeights(NamedTuple):
-    """MIMO's per-rank weights `h r p`: x up to the rank values, z up to the rank gates (None without Z), the outputs
-    down (None keeps the ranks apart)."""
-
-    up_x: mx.array
-    up_z: mx.array = None
-    down: mx.array = None
+# A Mamba-3 scan's inputs as mamba3_siso_scan describes them (D, Z may be None), and MIMO's per-rank weights `h r p`:
+# x up to the rank values, z up to the rank gates (None without Z), the outputs down (None keeps the ranks apart).
+Mamba3Inputs = namedtuple("Mamba3Inputs", "Q K V ADT DT Trap Q_bias K_bias Angles D Z")
+MimoWeights = namedtuple("MimoWeights", "up_x up_z down")
 
 
 def mamba3_scan(inputs, mimo, initial_states, chunk_size, lean_backward):
@@ -887,7 +868,7 @@ def matrix_parameters(model):
 
 
 # =====================================================================================================================
-# SECTION: Loss, generation, optimizer, schedule  [identical in both MLX scripts]
+# SECTION: Loss, optimizer, schedule  [identical in both MLX scripts]
 # =====================================================================================================================
 
 
@@ -901,23 +882,6 @@ def cross_entropy(logits, targets):
     else:
         lse = mx.logsumexp(logits, axis=-1)
     return (lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]).mean()
-
-
-def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
-    """Sample a continuation of `prompt` (temperature 0 = greedy): the prompt in one chunked pass, then one token at a
-    time with each layer's carried state."""
-    cache = [None] * len(model.layers)
-    ids = mx.array([tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())], mx.int32)
-    logits = model(ids, cache)[:, -1]
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            token = mx.argmax(logits, axis=-1)
-        else:
-            token = mx.random.categorical(logits.astype(mx.float32) / temperature, axis=-1)
-        new_tokens.append(token.item())
-        logits = model(token.astype(mx.int32)[:, None], cache)[:, -1]
-    return tokenizer.decode(new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -994,7 +958,7 @@ def lr_multiplier(progress):
 
 
 # =====================================================================================================================
-# END SECTION: Loss, generation, optimizer, schedule
+# END SECTION: Loss, optimizer, schedule
 # =====================================================================================================================
 
 
@@ -1223,6 +1187,24 @@ def shared_matmul(per_head, shared):
     *lead, h, C, m, k = per_head.shape
     out = per_head.swapaxes(-4, -3).reshape(*lead, C, h * m, k) @ shared.squeeze(-4)  # ... C (h m) n
     return out.reshape(*lead, C, h, m, -1).swapaxes(-4, -3)
+
+
+# Decoding, which training never calls: a carried state per layer, as upstream decodes.
+def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
+    """Sample a continuation of `prompt` (temperature 0 = greedy): the prompt in one chunked pass, then one token at a
+    time with each layer's carried state."""
+    cache = [None] * len(model.layers)
+    ids = mx.array([tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())], mx.int32)
+    logits = model(ids, cache)[:, -1]
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            token = mx.random.categorical(logits.astype(mx.float32) / temperature, axis=-1)
+        new_tokens.append(token.item())
+        logits = model(token.astype(mx.int32)[:, None], cache)[:, -1]
+    return tokenizer.decode(new_tokens)
 
 
 HAND_WRITTEN_GRADIENTS = []  # (name, forward, function with the custom gradient, example inputs)

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_mamba_3_mlx.py", "train_hybrid_moe_mlx.py")
-SHARED_SECTIONS = ("Mamba", "Loss, generation, optimizer, schedule", "Speed machinery")
+SHARED_SECTIONS = ("Mamba", "Loss, optimizer, schedule", "Speed machinery")
 
 
 def read(script):
