@@ -1,15 +1,13 @@
 """
 Train a Mamba-2 or Mamba-3 (SISO / MIMO) language model with PyTorch for a fixed time budget, then report val_bpb.
 
-The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, parameter names, hyperparameter names, schedule,
-time-budget rule and summary, scored by the same harness (prepare.evaluate_bpb) on the same data and tokenizer.
-On CUDA it trains under bf16 autocast with torch.compile, and uses mamba_ssm's fused scan kernels when they import and
-agree with the pure-PyTorch scans on a start-up check; on CPU it runs in float32. Muon trains the matrices, AdamW the
-rest, as in the MLX script.
+The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, parameter names, hyperparameters, schedule,
+time-budget rule and summary, scored by the same harness (prepare.evaluate_bpb). On CUDA: bf16 autocast,
+torch.compile, and mamba_ssm's fused scans when they import and pass a start-up check; on CPU float32.
 
-Run: `uv run --extra torch train_mamba.py`. The math: the Mamba-2 paper (Dao & Gu, 2024, arXiv:2405.21060) and
-mamba_ssm's Mamba3 module, summarised in train_mamba_3_mlx.py's Mamba section; every chunked scan below has a
-one-token step recurrence that the tests hold it to (tests/test_train_mamba_torch.py).
+Run: `uv run --extra torch train_mamba.py`. Top to bottom: hyperparameters, the scans and blocks as the math reads
+(the math: train_mamba_3_mlx.py's Mamba section; tests/test_train_mamba_torch.py holds every scan to its one-token
+recurrence), the language model, optimizer, loop and summary, last the speed machinery.
 """
 
 import contextlib
@@ -20,6 +18,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 t_script_start = time.time()  # total_seconds counts from here (imports included)
 
@@ -45,8 +44,7 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # keys per chunk of the chunked scans: tokens, or tokens x MIMO_RANK for MIMO (cost per key grows with
-# it, overhead shrinks; a MIMO chunk of 64 tokens would hold 64 r x 64 r scores per head, r^2 times the memory)
+CHUNK_SIZE = 64  # keys per chunk of the chunked scans: tokens, or tokens x MIMO_RANK for MIMO
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
@@ -76,11 +74,10 @@ WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rat
 WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
-CHECKPOINT_BLOCKS = True  # training keeps only each block's input and recomputes the block in the backward pass:
-# the live tensors of one eager float32 step of the default model on one 2048-token row, SISO 2.7 -> 0.8 GB, MIMO
-# 8.0 -> 1.6 GB (bench/bench_mamba_torch.py --only memory), for one more forward of every block; the cpu and local
-# presets turn it off.
+CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass: live tensors of a float32 step on one
+# 2048-token row SISO 2.7 -> 0.8 GB, MIMO 8.0 -> 1.6 GB (bench/bench_mamba_torch.py --only memory), one more forward
 SEED = 42
+EXPORT_UPSTREAM_DIR = ""  # a folder: after the run, the final weights and config in mamba_ssm's layout ("" = off)
 
 # PyTorch runtime
 COMPILE = True  # torch.compile the model on CUDA (on CPU the inductor C++ build costs more than it saves at test sizes)
@@ -88,13 +85,10 @@ FUSED_KERNELS = True  # on CUDA, use mamba_ssm's fused scans when they import an
 
 
 # =====================================================================================================================
-# Scans. Each is chunked: within a chunk of Q tokens, a masked, decayed "attention" (batched matmuls); each chunk's
-# end state; a (chunks x chunks) matmul that passes states from chunk to chunk; each chunk's read of the state it
-# received. Time and memory are O(l * Q), never O(l^2), and any length works (the tail chunk is zero-padded, which
-# leaves every state unchanged). Decays, cumulative sums and the states passed between chunks are float32 (float64
-# when the inputs are); the big matmuls run in the autocast dtype (bf16 on CUDA).
-# Precision on CUDA: main() keeps TF32 off, so step 3's state passing, a (chunks x chunks) float32 matmul here
-# (element-wise in the MLX scripts), and the decays (cumsum, exp) are true float32; the big matmuls run in bf16.
+# Scans, chunked: within a chunk of Q tokens a masked, decayed "attention" (batched matmuls); each chunk's end state;
+# a (chunks x chunks) matmul passing states between chunks; each chunk's read of the state it received. O(l * Q), any
+# length (the zero-padded tail leaves every state unchanged). Decays, cumulative sums and the passed states are
+# float32 (float64 for float64 inputs; TF32 stays off), the big matmuls in the autocast dtype (bf16 on CUDA).
 # =====================================================================================================================
 
 
@@ -198,17 +192,6 @@ def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
     return Y[:, :, 0].to(X.dtype), final_state
 
 
-def ssd_step(X, A, B, C, state):
-    """One token of the same recurrence (the reference the scan is tested against, and the decode path).
-    X (b h p), A (b h), B, C (b g n), state (b h p n) -> (Y (b h p), new state)."""
-    h, g = X.shape[1], B.shape[1]
-    acc = state.dtype
-    B, C = (t.to(acc).repeat_interleave(h // g, dim=1) for t in (B, C))  # (b h n)
-    state = torch.exp(A.to(acc))[..., None, None] * state + X.to(acc)[..., :, None] * B[..., None, :]
-    Y = (state @ C[..., None])[..., 0]
-    return Y.to(X.dtype), state
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Mamba-3, in the conventions of train_mamba_3_mlx.py (and of upstream's kernels):
 #   theta_t = (theta_{t-1} + pi tanh(Angles_t) DT_t) mod 2 pi per head and angle; q, k (after their per-head bias) turn
@@ -269,26 +252,50 @@ def _mamba3_heads(X, bias):
     return X.repeat_interleave(h // X.shape[-2], dim=-2) + bias.transpose(0, 1).to(X.dtype)
 
 
-def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size, mimo):
-    """Shared body of the SISO (mimo None) and MIMO (mimo = (MIMO_V, MIMO_Z, MIMO_O)) chunked scans, with the rank
-    axis always present inside: Q, K (b l r g n), Q_bias, K_bias (h r n), k state (b r h n)."""
-    b, l, h, p = V.shape
-    acc = accumulation_dtype(V.dtype)
-    DT, ADT = DT.to(acc).transpose(1, 2), ADT.to(acc).transpose(1, 2)  # (b l h) from here on
-    lam = torch.sigmoid(Trap.to(acc)).transpose(1, 2)
+class Mamba3Inputs(NamedTuple):
+    """A Mamba-3 scan's (or one token's) inputs, as mamba3_siso_scan (mamba3_siso_step) describes them."""
+    Q: torch.Tensor
+    K: torch.Tensor
+    V: torch.Tensor
+    ADT: torch.Tensor
+    DT: torch.Tensor
+    Trap: torch.Tensor
+    Q_bias: torch.Tensor
+    K_bias: torch.Tensor
+    Angles: torch.Tensor
+    D: torch.Tensor | None = None
+    Z: torch.Tensor | None = None
+
+
+class MimoWeights(NamedTuple):
+    """MIMO's per-rank weights (h r p): x up to the rank values, z up to the rank gates (None without Z), the outputs
+    down (None keeps the ranks apart)."""
+    up_x: torch.Tensor
+    up_z: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+
+
+def _mamba3_scan(inputs, mimo, initial_states, chunk_size):
+    """Shared body of the SISO (mimo None) and MIMO (mimo a MimoWeights) chunked scans, with the rank axis always
+    present inside: Q, K (b l r g n), Q_bias, K_bias (h r n), k state (b r h n)."""
+    s = inputs
+    b, l, h, p = s.V.shape
+    acc = accumulation_dtype(s.V.dtype)
+    DT, ADT = s.DT.to(acc).transpose(1, 2), s.ADT.to(acc).transpose(1, 2)  # (b l h) from here on
+    lam = torch.sigmoid(s.Trap.to(acc)).transpose(1, 2)
     gamma = lam * DT  # weight of a token's own input
     sigma = DT - gamma  # (1 - lam) DT: beta without its alpha, the previous token's weight in the next step
     sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # sigma_{t+1}; 0 after the last token
 
     angle0 = None if initial_states is None else initial_states[0].to(acc)
-    theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
+    theta = cumulative_angles(math.pi * torch.tanh(s.Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
     rotate = rotate_pairs if mimo is None else rotate_halves  # upstream's pairings
-    q = rotate(_mamba3_heads(Q, Q_bias), theta[:, :, None])  # (b, l, r, h, n)
-    k = rotate(_mamba3_heads(K, K_bias), theta[:, :, None])
+    q = rotate(_mamba3_heads(s.Q, s.Q_bias), theta[:, :, None])  # (b, l, r, h, n)
+    k = rotate(_mamba3_heads(s.K, s.K_bias), theta[:, :, None])
     def up(x):  # x (..., h, p) -> per-rank values (..., r, h, p)
-        return x.unsqueeze(-3) if mimo is None else x.unsqueeze(-3) * mimo[0].transpose(0, 1).to(x.dtype)
+        return x.unsqueeze(-3) if mimo is None else x.unsqueeze(-3) * mimo.up_x.transpose(0, 1).to(x.dtype)
 
-    v = up(V)  # (b, l, r, h, p)
+    v = up(s.V)  # (b, l, r, h, p)
 
     start_state = None
     if initial_states is not None:
@@ -296,24 +303,22 @@ def _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_s
         carried = torch.einsum("brhp,brhn->bhpn", up(x_prev).to(acc), k_prev.to(acc))
         start_state = S_prev.to(acc) + sigma[:, 0, :, None, None] * carried
 
-    # The shifted term must not reach its own token: there the weight is gamma_t, not gamma_t + sigma_{t+1} (applied
-    # inside the chunk's decay matrix, so no (q~ . k~) v tensor of r x r per token is ever formed).
+    # The shifted term must not reach its own token: its weight there is gamma_t (inside the chunk's decay matrix)
     o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state,
                                     own_weight=gamma)
-    if D is not None:
-        o = o + D.to(o.dtype)[:, None] * v
+    if s.D is not None:
+        o = o + s.D.to(o.dtype)[:, None] * v
     if mimo is None:
         o = o[:, :, 0]
-        if Z is not None:
-            o = o * F.silu(Z.to(o.dtype))
+        if s.Z is not None:
+            o = o * F.silu(s.Z.to(o.dtype))
     else:
-        _, MIMO_Z, MIMO_O = mimo
-        if Z is not None:
-            o = o * F.silu(Z.unsqueeze(2).to(o.dtype) * MIMO_Z.transpose(0, 1).to(o.dtype))
-        if MIMO_O is not None:
-            o = (o * MIMO_O.transpose(0, 1).to(o.dtype)).sum(dim=2)
-    final_states = (theta[:, -1], final_S, k[:, -1], V[:, -1].to(acc))
-    return o.to(V.dtype), final_states
+        if s.Z is not None:
+            o = o * F.silu(s.Z.unsqueeze(2).to(o.dtype) * mimo.up_z.transpose(0, 1).to(o.dtype))
+        if mimo.down is not None:
+            o = (o * mimo.down.transpose(0, 1).to(o.dtype)).sum(dim=2)
+    final_states = (theta[:, -1], final_S, k[:, -1], s.V[:, -1].to(acc))
+    return o.to(s.V.dtype), final_states
 
 
 def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, initial_states=None,
@@ -325,8 +330,9 @@ def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=N
     if initial_states is not None:
         angle, S, k_last, x_last = initial_states
         initial_states = (angle, S, k_last[:, None], x_last)
-    out, (angle, S, k_last, x_last) = _mamba3_scan(Q[:, :, None], K[:, :, None], V, ADT, DT, Trap, Q_bias[:, None],
-                                                   K_bias[:, None], Angles, D, Z, initial_states, chunk_size, None)
+    inputs = Mamba3Inputs(Q[:, :, None], K[:, :, None], V, ADT, DT, Trap, Q_bias[:, None], K_bias[:, None], Angles,
+                          D, Z)
+    out, (angle, S, k_last, x_last) = _mamba3_scan(inputs, None, initial_states, chunk_size)
     return out, (angle, S, k_last[:, 0], x_last)
 
 
@@ -335,214 +341,8 @@ def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIM
     """Mamba-3 MIMO scan of rank r: as mamba3_siso_scan, except Q, K (b l r g n), Q_bias, K_bias (h r n), MIMO_V,
     MIMO_Z, MIMO_O (h r p) (MIMO_Z needed when Z is given), and the carried k is (b r h n). Returns out (b l h p), or
     the per-rank outputs (b l r h p) when MIMO_O is None."""
-    return _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states, chunk_size,
-                        (MIMO_V, MIMO_Z, MIMO_O))
-
-
-def _mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state, mimo):
-    """One token of the recurrence, written as the math reads (rank axis always present: Q, K (b r g n))."""
-    b, h, p = V.shape
-    acc = accumulation_dtype(V.dtype)
-    r, n, a = Q.shape[1], Q.shape[-1], Angles.shape[-1]
-    if state is None:
-        state = (torch.zeros(b, h, a), torch.zeros(b, h, p, n), torch.zeros(b, r, h, n), torch.zeros(b, h, p))
-        state = tuple(t.to(device=V.device, dtype=acc) for t in state)
-    theta, S, k_prev, x_prev = (t.to(acc) for t in state)
-    ADT, DT, lam = ADT.to(acc), DT.to(acc), torch.sigmoid(Trap.to(acc))
-    alpha = torch.exp(ADT)
-    beta, gamma = (1 - lam) * DT * alpha, lam * DT
-    theta = torch.remainder(theta + math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], 2 * math.pi)  # (b h a)
-    e = h // Q.shape[-2]
-    q = Q.to(acc).repeat_interleave(e, dim=-2) + Q_bias.transpose(0, 1).to(acc)  # (b r h n)
-    k = K.to(acc).repeat_interleave(e, dim=-2) + K_bias.transpose(0, 1).to(acc)
-    rotate = rotate_pairs if mimo is None else rotate_halves
-    q, k = rotate(q, theta[:, None]), rotate(k, theta[:, None])
-    x = V.to(acc)
-    up = (lambda x: x[:, None]) if mimo is None else (lambda x: x[:, None] * mimo[0].transpose(0, 1).to(acc))
-    v, v_prev = up(x), up(x_prev)  # (b r h p)
-    S = (alpha[..., None, None] * S
-         + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, k_prev)
-         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
-    o = torch.einsum("bhpn,brhn->brhp", S, q)
-    if D is not None:
-        o = o + D.to(acc)[:, None] * v
-    if mimo is None:
-        o = o[:, 0]
-        if Z is not None:
-            o = o * F.silu(Z.to(acc))
-    else:
-        _, MIMO_Z, MIMO_O = mimo
-        if Z is not None:
-            o = o * F.silu(Z.to(acc)[:, None] * MIMO_Z.transpose(0, 1).to(acc))
-        if MIMO_O is not None:
-            o = (o * MIMO_O.transpose(0, 1).to(acc)).sum(dim=1)
-    return o.to(V.dtype), (theta, S, k, x)
-
-
-def mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, state=None):
-    """One token of the SISO recurrence: Q, K (b g n), V, Z (b h p), ADT, DT, Trap (b h), Angles (b h a) or (b 1 a),
-    state as mamba3_siso_scan's. Returns (y (b h p), new state)."""
-    if state is not None:
-        angle, S, k_last, x_last = state
-        state = (angle, S, k_last[:, None], x_last)
-    y, (angle, S, k_last, x_last) = _mamba3_step(Q[:, None], K[:, None], V, ADT, DT, Trap, Q_bias[:, None],
-                                                 K_bias[:, None], Angles, D, Z, state, None)
-    return y, (angle, S, k_last[:, 0], x_last)
-
-
-def mamba3_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
-                     Z=None, state=None):
-    """One token of the MIMO recurrence: Q, K (b r g n), biases (h r n), MIMO_* (h r p), k state (b r h n)."""
-    return _mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state, (MIMO_V, MIMO_Z, MIMO_O))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Scan backend: the pure-PyTorch scans above, or mamba_ssm's fused CUDA kernels. Chosen once at start by
-# choose_scan_backend(): a kernel is used only if it imports and matches the pure scan on a random problem of the
-# model's shape (output and every input gradient), so a kernel with another convention can never train silently.
-# The kernels take the same arguments as the pure scans (upstream's Mamba-3 interface is the one mirrored here),
-# except Mamba-2's, which takes x, dt and A separately (it folds dt in itself).
-
-FUSED = {}  # "mamba-2" / "mamba-3": the fused function the blocks call instead of the pure scan
-
-
-def _fused_candidates():
-    """{kind: (function, name)} for the fused kernels that import here, wrapped to the pure scans' arguments."""
-    found = {}
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-        @torch.compiler.disable
-        def fused_ssd(x, dt, A, B, C, chunk_size, D):
-            return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D)
-
-        found["ssd"] = (fused_ssd, "mamba_chunk_scan_combined")
-    except Exception:
-        pass
-    try:
-        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
-
-        @torch.compiler.disable
-        def fused_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, chunk_size=64):
-            h = V.shape[2]
-            return mamba3_siso_combined(
-                Q=Q.contiguous(), K=K.contiguous(), V=V.contiguous(), ADT=ADT.float().contiguous(),
-                DT=DT.float().contiguous(), Trap=Trap.contiguous(), Q_bias=Q_bias.float().contiguous(),
-                K_bias=K_bias.float().contiguous(), Angles=Angles.float().expand(-1, -1, h, -1).contiguous(),
-                D=None if D is None else D.float(), Z=None if Z is None else Z.contiguous(), chunk_size=chunk_size,
-            )
-
-        found["siso"] = (fused_siso, "mamba3_siso_combined")
-    except Exception:
-        pass
-    try:
-        from mamba_ssm.ops.tilelang.mamba3.mamba3_mimo import mamba3_mimo
-
-        @torch.compiler.disable
-        def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
-                       Z=None, chunk_size=16):
-            # The kernel turns dims (j, n/2 + j) for j < n / divisor, divisor 2 or 4: the pure scan's MIMO pairing
-            # for the first a <= n/divisor pairs. Angles past a are zero (tanh 0 = 0: those pairs never turn), so any
-            # rope fraction (a <= n/2) maps onto it; a shape it cannot take raises, and the start-up check says so.
-            n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
-            divisor = 4 if a <= n // 4 else 2
-            if n % 2 or a > n // divisor:
-                raise ValueError(f"the MIMO kernel cannot rotate {a} pairs of d_state {n}")
-            angles = F.pad(Angles.float(), (0, n // divisor - a)).expand(-1, -1, h, -1).contiguous()
-            return mamba3_mimo(
-                Q.contiguous(), K.contiguous(), V.contiguous(), ADT.float().contiguous(), DT.float().contiguous(),
-                Trap.contiguous(), Q_bias.float().contiguous(), K_bias.float().contiguous(),
-                MIMO_V.float().contiguous(), MIMO_Z.float().contiguous(),
-                None if MIMO_O is None else MIMO_O.float().contiguous(), angles, None if D is None else D.float(),
-                None if Z is None else Z.contiguous(), chunk_size, divisor, V.dtype,
-            )
-
-        found["mimo"] = (fused_mimo, "mamba3_mimo")
-    except Exception:
-        pass
-    return found
-
-
-def _pure_ssd_with_dt(x, dt, A, B, C, chunk_size, D):
-    """ssd_scan in the fused kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
-    y, _ = ssd_scan(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size)
-    return y + x * D[:, None].to(x.dtype)
-
-
-def _random_scan_problem(kind, config, batch, length, device, dtype):
-    """Inputs of the model's shape (heads, dims, rank) with the ranges training sees, for the start-up check."""
-    c, gen = config, torch.Generator().manual_seed(0)
-    h, g, n, p, r, a = c.nheads, c.ngroups, c.d_state, c.headdim, c.mimo_rank, c.num_rope_angles
-    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    dt = F.softplus(rand(batch, length, h) - 3)
-    if kind == "ssd":
-        problem = dict(x=rand(batch, length, h, p), dt=dt, A=-torch.rand(h, generator=gen) - 0.5,
-                       B=rand(batch, length, g, n), C=rand(batch, length, g, n), D=rand(h))
-    else:
-        qk = (batch, length, g, n) if kind == "siso" else (batch, length, r, g, n)
-        bias = (h, n) if kind == "siso" else (h, r, n)
-        problem = dict(Q=F.normalize(rand(*qk), dim=-1) * 4, K=F.normalize(rand(*qk), dim=-1) * 4,
-                       V=rand(batch, length, h, p),
-                       ADT=-dt.transpose(1, 2) * (0.5 + torch.rand(batch, h, length, generator=gen)),
-                       DT=dt.transpose(1, 2), Trap=rand(batch, h, length), Q_bias=1 + 0.1 * rand(*bias),
-                       K_bias=1 + 0.1 * rand(*bias), Angles=rand(batch, length, 1, a), D=rand(h),
-                       Z=rand(batch, length, h, p))
-        if kind == "mimo":
-            problem.update(MIMO_V=1 / r + 0.1 * rand(h, r, p), MIMO_Z=1 + 0.1 * rand(h, r, p),
-                           MIMO_O=1 / r + 0.1 * rand(h, r, p))
-    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # what arrives in bf16 from the projections under autocast
-    return {key: value.to(device=device, dtype=dtype if key in low_precision else torch.float32)
-            for key, value in problem.items()}
-
-
-def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
-    """(ok, detail): the fused kernel's output and input gradients against the pure scan's in float32, relative to
-    each tensor's largest magnitude."""
-    inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
-    reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
-    y_fused = fused(**inputs, chunk_size=chunk_size)
-    y_pure = pure(**reference, chunk_size=chunk_size)
-    y_pure = y_pure[0] if isinstance(y_pure, tuple) else y_pure
-    probe = torch.randn_like(y_pure)
-    (y_fused.float() * probe).sum().backward()
-    (y_pure * probe).sum().backward()
-    def relative_error(got, want):
-        return ((got.float() - want).abs().max() / (want.abs().max() + 1e-6)).item()
-
-    errors = [(relative_error(y_fused, y_pure), "output")]
-    for key, value in inputs.items():
-        if reference[key].grad is None:
-            continue
-        if value.grad is None:
-            return False, f"no gradient for {key} from the kernel"
-        errors.append((relative_error(value.grad, reference[key].grad), f"d{key}"))
-    error, name = max(errors)
-    return error <= tolerance, f"worst relative error {error:.2g} ({name})"
-
-
-def choose_scan_backend(config, device):
-    """Pick the scan implementation for this run and return its name for the summary (scan_backend)."""
-    FUSED.clear()
-    if not (FUSED_KERNELS and device.type == "cuda"):
-        return "torch"
-    kind = "ssd" if config.architecture == "mamba-2" else ("mimo" if config.is_mimo else "siso")
-    candidates = _fused_candidates()
-    if kind not in candidates:
-        print(f"scan backend: no mamba_ssm kernel for {kind} imports here; using the pure-PyTorch scan")
-        return "torch"
-    fused, name = candidates[kind]
-    pure = {"ssd": _pure_ssd_with_dt, "siso": mamba3_siso_scan, "mimo": mamba3_mimo_scan}[kind]
-    problem = _random_scan_problem(kind, config, 2, 4 * config.tokens_per_chunk, device, torch.bfloat16)
-    try:
-        ok, detail = fused_matches_pure(fused, pure, problem, config.tokens_per_chunk)
-    except Exception as e:  # an unsupported shape, a kernel compile failure, ...
-        ok, detail = False, f"{type(e).__name__}: {e}"
-    if not ok:
-        print(f"scan backend: mamba_ssm {name} disagrees with the pure scan ({detail}); using the pure-PyTorch scan")
-        return "torch"
-    print(f"scan backend: mamba_ssm {name} ({detail} against the pure scan)")
-    FUSED[config.architecture] = fused
-    return f"mamba_ssm.{name}"
+    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    return _mamba3_scan(inputs, MimoWeights(MIMO_V, MIMO_Z, MIMO_O), initial_states, chunk_size)
 
 
 # =====================================================================================================================
@@ -571,9 +371,8 @@ def linear(in_features, out_features):
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv over time with bias: out_t = bias + sum_k weight[k] * x_{t-K+1+k}. weight (K, channels) as
-    in the MLX script; K shifted multiply-adds, which torch.compile fuses into one kernel (depthwise convolutions
-    with one group per channel are slow in cuDNN). Init uniform(+-1/sqrt(K)) for weight and bias."""
+    """Depthwise causal conv with bias: out_t = bias + sum_k weight[k] x_{t-K+1+k}, weight (K, channels) as in the MLX
+    script; K shifted multiply-adds (torch.compile fuses them; cuDNN is slow here). Init uniform(+-1/sqrt(K))."""
 
     def __init__(self, channels, kernel_size):
         super().__init__()
@@ -642,7 +441,7 @@ class Mamba2(nn.Module):
             conv_in = torch.cat([initial_states[0].to(xBC_in.dtype), xBC_in], dim=1)
             conv_out = self.conv(conv_in)[:, K - 1 :]
         x, dt, A, B, C = self._scan_inputs(F.silu(conv_out), dt)
-        if "mamba-2" in FUSED and initial_states is None and not return_state:
+        if "mamba-2" in FUSED and initial_states is None and not return_state:  # a fused kernel (speed section)
             y = FUSED["mamba-2"](x, dt, A, B, C, self.chunk_size, self.D)
         else:
             y, ssm_state = ssd_scan(x * dt[..., None].to(x.dtype), A * dt, B, C, self.chunk_size,
@@ -665,14 +464,13 @@ class Mamba2(nn.Module):
         z, xBC, dt = self._split(self.in_proj(u))
         xBC, conv_state = self.conv.step(xBC, conv_state)
         x, dt, A, B, C = self._scan_inputs(F.silu(xBC), dt)
-        y, ssm_state = ssd_step(x * dt[..., None].to(x.dtype), A * dt, B, C, ssm_state)
+        y, ssm_state = ssd_step(x * dt[..., None].to(x.dtype), A * dt, B, C, ssm_state)  # speed section
         y = y + x * self.D[:, None].to(x.dtype)
         return self._output(y.flatten(-2), z), (conv_state, ssm_state)
 
     def scan_flops_per_token(self):
-        """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script: per group,
-        C.B scores 2*Q*n; per head, the masked product with X 2*Q*p, the chunk state 2*p*n, reading the carried state
-        2*p*n."""
+        """Forward FLOPs per token of the scan's matmuls (MFU), as in the MLX script: per group scores 2Qn; per head
+        the masked product 2Qp, the chunk state 2pn, reading the carried state 2pn."""
         Q, n, p = self.chunk_size, self.d_state, self.headdim
         return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
 
@@ -761,7 +559,7 @@ class Mamba3(nn.Module):
         else:
             kwargs.update(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
             pure = mamba3_siso_scan
-        if "mamba-3" in FUSED and initial_states is None:
+        if "mamba-3" in FUSED and initial_states is None:  # a fused kernel (speed section)
             y, states = FUSED["mamba-3"](**inputs, **kwargs, chunk_size=self.chunk_size), None
         else:
             y, states = pure(**inputs, **kwargs, initial_states=initial_states, chunk_size=self.chunk_size)
@@ -790,18 +588,19 @@ class Mamba3(nn.Module):
         gate_in_step = not self.is_outproj_norm
         kwargs = dict(D=self.D, Z=z if gate_in_step else None, state=state)
         if self.is_mimo:
-            y, state = mamba3_mimo_step(**token, **kwargs, **self._mimo_weights(gate_in_step), Q_bias=self.C_bias,
-                                        K_bias=self.B_bias)
+            kwargs.update(self._mimo_weights(gate_in_step), Q_bias=self.C_bias, K_bias=self.B_bias)
+            step = mamba3_mimo_step  # speed section
         else:
-            y, state = mamba3_siso_step(**token, **kwargs, Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
+            kwargs.update(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
+            step = mamba3_siso_step  # speed section
+        y, state = step(**token, **kwargs)
         if self.is_outproj_norm:
             y = self._gate_and_norm(y, z)
         return self.out_proj(y.reshape(u.shape[0], self.d_inner).to(u.dtype)), state
 
     def scan_flops_per_token(self):
-        """Forward FLOPs per token of the chunked scan's matmuls (for MFU), counted as in the MLX script, per head:
-        scores 2*c*r*r*n, the masked product with v 2*c*r*r*p, the chunk state 2*r*p*n, reading the carried state
-        2*r*p*n."""
+        """Forward FLOPs per token of the scan's matmuls (MFU), as in the MLX script, per head: scores 2crrn, the
+        masked product 2crrp, the chunk state 2rpn, reading the carried state 2rpn."""
         c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
         return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
 
@@ -973,9 +772,8 @@ class MambaLM(nn.Module):
             return self._logits(x).float(), new_cache
 
     def flops_per_token(self):
-        """Training FLOPs per token for MFU, counted as in the MLX script: 6 * (weights that multiply activations:
-        every linear and conv weight, and the embedding matrix once, as the unembedding) + 3 * the scans' forward
-        FLOPs (forward + backward ~ 3x forward)."""
+        """Training FLOPs per token (MFU), as in the MLX script: 6 * (linear and conv weights, the embedding once, as
+        the unembedding) + 3 * the scans' forward FLOPs."""
         weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
         weights += [m.weight for m in self.modules() if isinstance(m, CausalConv1d)]
         scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
@@ -985,40 +783,6 @@ class MambaLM(nn.Module):
 def matrix_parameters(model):
     """(name, weight) of every projection matrix (the linear layers' weights): Muon's (or MATRIX_LR's) group."""
     return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
-    """Sample a continuation of `prompt`: a chunked prefill of the prompt, then the recurrent step path, O(1) per
-    token whatever the length so far (the cache holds the conv window and the SSM state of every layer)."""
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    logits, cache = model.prefill(torch.tensor([ids], device=device))
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            token = logits.argmax(dim=-1)
-        else:
-            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
-        new_tokens.append(token.item())
-        logits, cache = model.step(token, cache)
-    return tokenizer.decode(new_tokens)
-
-
-def load_mlx_parameters(model, arrays):
-    """Copy the MLX model's parameters, a flat {name: array} (mlx.utils.tree_flatten(mlx_model.parameters()), arrays
-    as numpy or anything torch.as_tensor takes), into `model`. The names and shapes are the same by construction;
-    any difference is an error that names the parameter."""
-    params = dict(model.named_parameters())
-    missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
-    if missing or unknown:
-        raise KeyError(f"parameter names differ from the MLX model's: missing {missing[:6]}, unknown {unknown[:6]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            value = torch.as_tensor(arrays[name])
-            if value.shape != param.shape:
-                raise ValueError(f"{name}: MLX shape {tuple(value.shape)}, PyTorch shape {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
 
 
 # =====================================================================================================================
@@ -1042,9 +806,8 @@ def orthogonalise(g):
 
 
 class Muon(torch.optim.Optimizer):
-    """The MLX script's Muon update (Optimizer.update there): Nesterov momentum, orthogonalised, scaled to AdamW's
-    update size by 0.2 sqrt(max(rows, cols)), decoupled weight decay. Written out, not torch.optim.Muon: that one
-    orthogonalises in bf16 on every device and scales by the aspect ratio, so it would not train like the MLX script."""
+    """The MLX script's Muon update: Nesterov momentum, orthogonalised, scaled to AdamW's update size by
+    0.2 sqrt(max(rows, cols)), decoupled weight decay (torch.optim.Muon orthogonalises in bf16 and scales otherwise)."""
 
     def __init__(self, params, lr, weight_decay):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
@@ -1077,10 +840,9 @@ class Optimizers:
 
 
 def make_optimizer(model, device):
-    """The MLX script's three groups: the projection matrices (MATRIX_LR) by Muon (OPTIMIZER = "muon") or AdamW, the
-    embedding (EMBEDDING_LR) by AdamW, both with decoupled weight decay, and everything else (SCALAR_LR, no decay) by
-    AdamW: A_log, dt_bias, D, norm weights, biases, conv taps, the mixers' other per-head parameters. AdamW is fused
-    (one kernel for all its parameters) on CUDA, and multiplies the decay by lr (p -= lr * wd * p) like the MLX one."""
+    """The MLX script's three groups: the projection matrices (MATRIX_LR) by Muon or AdamW (OPTIMIZER), the embedding
+    (EMBEDDING_LR) by AdamW, both with decoupled weight decay, everything else (SCALAR_LR, no decay) by AdamW. AdamW
+    is fused on CUDA and decays by lr * wd like the MLX one."""
     matrices = {id(p) for _, p in matrix_parameters(model)}
     embedding = dict(params=[model.embed.weight], lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY)
     matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
@@ -1109,12 +871,10 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """One optimizer step: forward + backward per micro-batch (gradients accumulate in .grad), clip, update. No host
-    sync inside: the loss stays on the device, and the next micro-batch of the step is fetched and copied while the
-    GPU runs the work already queued (never one beyond the step: the budget check counts every batch fetched).
-    Returns step(batches, lr_mult) -> (mean loss as a device tensor, epoch of the last batch).
-    compile_model: torch.compile the forward (default: on CUDA when COMPILE). data_parallel: wrap the model in DDP,
-    which averages the gradients over the ranks during the last micro-batch's backward."""
+    """step(batches, lr_mult) -> (mean loss as a device tensor, epoch): forward + backward per micro-batch (gradients
+    accumulate), clip, update, with no host sync; the step's next micro-batch is fetched while the GPU works (never
+    one beyond the step: the budget check counts every batch fetched). compile_model: torch.compile the forward
+    (default: on CUDA when COMPILE). data_parallel: DDP, averaging gradients in the last micro-batch's backward."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
     wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
@@ -1123,7 +883,7 @@ def make_training_step(model, optimizer, grad_accum_steps, device, compile_model
 
     def fetch(batches):
         inputs, targets, epoch = next(batches)
-        return to_device(inputs, device), to_device(targets, device), epoch
+        return to_device(inputs, device), to_device(targets, device), epoch  # speed section
 
     def step(batches, lr_mult):
         for group in optimizer.param_groups:
@@ -1171,34 +931,12 @@ def check_hyperparameters(tokens_per_micro_step):
         ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
         ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
          f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
+        ("EXPORT_UPSTREAM_DIR", not EXPORT_UPSTREAM_DIR or os.path.isdir(os.path.dirname(os.path.abspath(
+            EXPORT_UPSTREAM_DIR))), f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}"),
         ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
          f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
          f"got {TOTAL_BATCH_SIZE!r}"),
     ])
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
-
-
-def to_device(array, device):
-    """int32 numpy batch -> int64 tensor on device; pinned and non-blocking on CUDA, so the copy overlaps the queued
-    GPU work (torch's caching host allocator keeps each pinned block until its copy has run)."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True).long()
-    return tensor.long()
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process peak RSS
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main():
@@ -1207,22 +945,22 @@ def main():
     print(prepare.harness_line())  # the preset and the harness constants in force
     torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
     device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa;
-    # under the default bf16 autocast nothing else runs float32 matmuls.
+    # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa
     seq_len = prepare.MAX_SEQ_LEN
     check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     tokenizer = prepare.Tokenizer.from_directory()
     compute_dtype = resolve_compute_dtype(device)
+    device_label = device_name(device)  # speed section
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size())
     model = MambaLM(config, compute_dtype).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token()
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
-    scan_backend = choose_scan_backend(config, device)
+    scan_backend = choose_scan_backend(config, device)  # a fused kernel if it matches the pure scan (speed section)
 
     grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name(device)}, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_label}, "
           f"scan {scan_backend}")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
           f"x {dist.world_size} processes")
@@ -1238,12 +976,11 @@ def main():
 
     prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
 
-    # The clock, as in the MLX script: training_time counts every optimizer step except the first (it compiles). A
-    # step runs only while its predicted middle (from the last step times) falls before TIME_BUDGET, so the run ends
-    # at the step end nearest to the budget. The schedule follows progress = that middle / TIME_BUDGET.
+    # The clock counts every step but the first (it compiles); a step runs while its predicted middle is in budget,
+    # so the run ends at the step end nearest to it. The schedule follows that middle / TIME_BUDGET.
     training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
     while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
-        synchronize(device)
+        synchronize(device)  # speed section
         t0 = time.time()
         lr_mult = lr_multiplier(midpoint / prepare.TIME_BUDGET)
         loss, epoch = training_step(train_loader, lr_mult)
@@ -1279,7 +1016,7 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
     tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
     peak_dtype = "float32" if compute_dtype == torch.float32 else "bfloat16"
-    peak, peak_source = prepare.peak_flops(device_name(device), peak_dtype, backend="torch")
+    peak, peak_source = prepare.peak_flops(device_label, peak_dtype, backend="torch")
     mfu = 100 * flops_per_token * tokens_per_s / (peak * dist.world_size)  # tokens_per_s counts all ranks
     print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
     print(f"eval_seconds: {eval_seconds:.1f}")
@@ -1290,7 +1027,7 @@ def main():
         "val_bpb": val_bpb,
         "training_seconds": training_time,
         "total_seconds": time.time() - t_start,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),  # speed section
         "mfu_percent": mfu,
         "total_tokens_M": total_tokens / 1e6,
         "num_steps": step,
@@ -1298,6 +1035,372 @@ def main():
         "depth": DEPTH,
         "scan_backend": scan_backend,
     }, trained_tokens=total_tokens, dist=dist)
+    if EXPORT_UPSTREAM_DIR and dist.rank == 0:
+        export_upstream(model, EXPORT_UPSTREAM_DIR)  # mamba_ssm's layout: below the speed section
+
+
+# =====================================================================================================================
+# SECTION: Speed machinery (mamba_ssm's fused scans and their start-up check, device helpers, decoding)
+# =====================================================================================================================
+# Scan backend: the pure-PyTorch scans, or mamba_ssm's fused CUDA kernels, chosen once at start by
+# choose_scan_backend(): a kernel is used only if it imports and matches the pure scan on a random problem of the
+# model's shape (output and every input gradient), so a kernel with another convention can never train silently.
+# The kernels take the pure scans' arguments (upstream's Mamba-3 interface is the one mirrored), except Mamba-2's,
+# which takes x, dt and A separately (it folds dt in itself).
+
+FUSED = {}  # "mamba-2" / "mamba-3": the fused function the blocks call instead of the pure scan
+
+
+def _fused_candidates():
+    """{kind: (function, name)} for the fused kernels that import here, wrapped to the pure scans' arguments."""
+    found = {}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        @torch.compiler.disable
+        def fused_ssd(x, dt, A, B, C, chunk_size, D):
+            return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D)
+
+        found["ssd"] = (fused_ssd, "mamba_chunk_scan_combined")
+    except Exception:
+        pass
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+
+        @torch.compiler.disable
+        def fused_siso(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, chunk_size=64):
+            h = V.shape[2]
+            return mamba3_siso_combined(
+                Q=Q.contiguous(), K=K.contiguous(), V=V.contiguous(), ADT=ADT.float().contiguous(),
+                DT=DT.float().contiguous(), Trap=Trap.contiguous(), Q_bias=Q_bias.float().contiguous(),
+                K_bias=K_bias.float().contiguous(), Angles=Angles.float().expand(-1, -1, h, -1).contiguous(),
+                D=None if D is None else D.float(), Z=None if Z is None else Z.contiguous(), chunk_size=chunk_size,
+            )
+
+        found["siso"] = (fused_siso, "mamba3_siso_combined")
+    except Exception:
+        pass
+    try:
+        from mamba_ssm.ops.tilelang.mamba3.mamba3_mimo import mamba3_mimo
+
+        @torch.compiler.disable
+        def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
+                       Z=None, chunk_size=16):
+            # The kernel turns dims (j, n/2 + j) for j < n / divisor, divisor 2 or 4: the pure scan's MIMO pairing
+            # for the first a <= n/divisor pairs. Angles past a are zero (tanh 0 = 0: those pairs never turn), so any
+            # rope fraction (a <= n/2) maps onto it; a shape it cannot take raises, and the start-up check says so.
+            n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
+            divisor = 4 if a <= n // 4 else 2
+            if n % 2 or a > n // divisor:
+                raise ValueError(f"the MIMO kernel cannot rotate {a} pairs of d_state {n}")
+            angles = F.pad(Angles.float(), (0, n // divisor - a)).expand(-1, -1, h, -1).contiguous()
+            return mamba3_mimo(
+                Q.contiguous(), K.contiguous(), V.contiguous(), ADT.float().contiguous(), DT.float().contiguous(),
+                Trap.contiguous(), Q_bias.float().contiguous(), K_bias.float().contiguous(),
+                MIMO_V.float().contiguous(), MIMO_Z.float().contiguous(),
+                None if MIMO_O is None else MIMO_O.float().contiguous(), angles, None if D is None else D.float(),
+                None if Z is None else Z.contiguous(), chunk_size, divisor, V.dtype,
+            )
+
+        found["mimo"] = (fused_mimo, "mamba3_mimo")
+    except Exception:
+        pass
+    return found
+
+
+def _pure_ssd_with_dt(x, dt, A, B, C, chunk_size, D):
+    """ssd_scan in the fused kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
+    y, _ = ssd_scan(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size)
+    return y + x * D[:, None].to(x.dtype)
+
+
+def _random_scan_problem(kind, config, batch, length, device, dtype):
+    """Inputs of the model's shape (heads, dims, rank) with the ranges training sees, for the start-up check."""
+    c, gen = config, torch.Generator().manual_seed(0)
+    h, g, n, p, r, a = c.nheads, c.ngroups, c.d_state, c.headdim, c.mimo_rank, c.num_rope_angles
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    dt = F.softplus(rand(batch, length, h) - 3)
+    if kind == "ssd":
+        problem = dict(x=rand(batch, length, h, p), dt=dt, A=-torch.rand(h, generator=gen) - 0.5,
+                       B=rand(batch, length, g, n), C=rand(batch, length, g, n), D=rand(h))
+    else:
+        qk = (batch, length, g, n) if kind == "siso" else (batch, length, r, g, n)
+        bias = (h, n) if kind == "siso" else (h, r, n)
+        problem = dict(Q=F.normalize(rand(*qk), dim=-1) * 4, K=F.normalize(rand(*qk), dim=-1) * 4,
+                       V=rand(batch, length, h, p),
+                       ADT=-dt.transpose(1, 2) * (0.5 + torch.rand(batch, h, length, generator=gen)),
+                       DT=dt.transpose(1, 2), Trap=rand(batch, h, length), Q_bias=1 + 0.1 * rand(*bias),
+                       K_bias=1 + 0.1 * rand(*bias), Angles=rand(batch, length, 1, a), D=rand(h),
+                       Z=rand(batch, length, h, p))
+        if kind == "mimo":
+            problem.update(MIMO_V=1 / r + 0.1 * rand(h, r, p), MIMO_Z=1 + 0.1 * rand(h, r, p),
+                           MIMO_O=1 / r + 0.1 * rand(h, r, p))
+    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # what arrives in bf16 from the projections under autocast
+    return {key: value.to(device=device, dtype=dtype if key in low_precision else torch.float32)
+            for key, value in problem.items()}
+
+
+def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
+    """(ok, detail): the fused kernel's output and input gradients against the pure scan's in float32, relative to
+    each tensor's largest magnitude."""
+    inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
+    reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
+    y_fused = fused(**inputs, chunk_size=chunk_size)
+    y_pure = pure(**reference, chunk_size=chunk_size)
+    y_pure = y_pure[0] if isinstance(y_pure, tuple) else y_pure
+    probe = torch.randn_like(y_pure)
+    (y_fused.float() * probe).sum().backward()
+    (y_pure * probe).sum().backward()
+    def relative_error(got, want):
+        return ((got.float() - want).abs().max() / (want.abs().max() + 1e-6)).item()
+
+    errors = [(relative_error(y_fused, y_pure), "output")]
+    for key, value in inputs.items():
+        if reference[key].grad is None:
+            continue
+        if value.grad is None:
+            return False, f"no gradient for {key} from the kernel"
+        errors.append((relative_error(value.grad, reference[key].grad), f"d{key}"))
+    error, name = max(errors)
+    return error <= tolerance, f"worst relative error {error:.2g} ({name})"
+
+
+def choose_scan_backend(config, device):
+    """Pick the scan implementation for this run and return its name for the summary (scan_backend)."""
+    FUSED.clear()
+    if not (FUSED_KERNELS and device.type == "cuda"):
+        return "torch"
+    kind = "ssd" if config.architecture == "mamba-2" else ("mimo" if config.is_mimo else "siso")
+    candidates = _fused_candidates()
+    if kind not in candidates:
+        print(f"scan backend: no mamba_ssm kernel for {kind} imports here; using the pure-PyTorch scan")
+        return "torch"
+    fused, name = candidates[kind]
+    pure = {"ssd": _pure_ssd_with_dt, "siso": mamba3_siso_scan, "mimo": mamba3_mimo_scan}[kind]
+    problem = _random_scan_problem(kind, config, 2, 4 * config.tokens_per_chunk, device, torch.bfloat16)
+    try:
+        ok, detail = fused_matches_pure(fused, pure, problem, config.tokens_per_chunk)
+    except Exception as e:  # an unsupported shape, a kernel compile failure, ...
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        print(f"scan backend: mamba_ssm {name} disagrees with the pure scan ({detail}); using the pure-PyTorch scan")
+        return "torch"
+    print(f"scan backend: mamba_ssm {name} ({detail} against the pure scan)")
+    FUSED[config.architecture] = fused
+    return f"mamba_ssm.{name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+
+
+def to_device(array, device):
+    """int32 numpy batch -> int64 tensor on device; pinned and non-blocking on CUDA, so the copy overlaps the queued
+    GPU work (torch's caching host allocator keeps each pinned block until its copy has run)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True).long()
+    return tensor.long()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process peak RSS
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding, which training never calls: each scan's one-token recurrence as the math reads (what the blocks' step
+# methods call, and the reference the tests hold the chunked scans to), and generate.
+
+
+def ssd_step(X, A, B, C, state):
+    """One token of ssd_scan's recurrence. X (b h p), A (b h), B, C (b g n), state (b h p n) -> (Y (b h p), state)."""
+    h, g = X.shape[1], B.shape[1]
+    acc = state.dtype
+    B, C = (t.to(acc).repeat_interleave(h // g, dim=1) for t in (B, C))  # (b h n)
+    state = torch.exp(A.to(acc))[..., None, None] * state + X.to(acc)[..., :, None] * B[..., None, :]
+    Y = (state @ C[..., None])[..., 0]
+    return Y.to(X.dtype), state
+
+
+def _mamba3_step(inputs, mimo, state):
+    """One token of the recurrence (rank axis always present: Q, K (b r g n)); mimo None or a MimoWeights."""
+    s = inputs
+    b, h, p = s.V.shape
+    acc = accumulation_dtype(s.V.dtype)
+    r, n, a = s.Q.shape[1], s.Q.shape[-1], s.Angles.shape[-1]
+    if state is None:
+        state = (torch.zeros(b, h, a), torch.zeros(b, h, p, n), torch.zeros(b, r, h, n), torch.zeros(b, h, p))
+        state = tuple(t.to(device=s.V.device, dtype=acc) for t in state)
+    theta, S, k_prev, x_prev = (t.to(acc) for t in state)
+    ADT, DT, lam = s.ADT.to(acc), s.DT.to(acc), torch.sigmoid(s.Trap.to(acc))
+    alpha = torch.exp(ADT)
+    beta, gamma = (1 - lam) * DT * alpha, lam * DT
+    theta = torch.remainder(theta + math.pi * torch.tanh(s.Angles.to(acc)) * DT[..., None], 2 * math.pi)  # (b h a)
+    e = h // s.Q.shape[-2]
+    q = s.Q.to(acc).repeat_interleave(e, dim=-2) + s.Q_bias.transpose(0, 1).to(acc)  # (b r h n)
+    k = s.K.to(acc).repeat_interleave(e, dim=-2) + s.K_bias.transpose(0, 1).to(acc)
+    rotate = rotate_pairs if mimo is None else rotate_halves
+    q, k = rotate(q, theta[:, None]), rotate(k, theta[:, None])
+    x = s.V.to(acc)
+    up = (lambda x: x[:, None]) if mimo is None else (lambda x: x[:, None] * mimo.up_x.transpose(0, 1).to(acc))
+    v, v_prev = up(x), up(x_prev)  # (b r h p)
+    S = (alpha[..., None, None] * S
+         + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, k_prev)
+         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
+    o = torch.einsum("bhpn,brhn->brhp", S, q)
+    if s.D is not None:
+        o = o + s.D.to(acc)[:, None] * v
+    if mimo is None:
+        o = o[:, 0]
+        if s.Z is not None:
+            o = o * F.silu(s.Z.to(acc))
+    else:
+        if s.Z is not None:
+            o = o * F.silu(s.Z.to(acc)[:, None] * mimo.up_z.transpose(0, 1).to(acc))
+        if mimo.down is not None:
+            o = (o * mimo.down.transpose(0, 1).to(acc)).sum(dim=1)
+    return o.to(s.V.dtype), (theta, S, k, x)
+
+
+def mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, state=None):
+    """One token of the SISO recurrence: Q, K (b g n), V, Z (b h p), ADT, DT, Trap (b h), Angles (b h a) or (b 1 a),
+    state as mamba3_siso_scan's. Returns (y (b h p), new state)."""
+    if state is not None:
+        angle, S, k_last, x_last = state
+        state = (angle, S, k_last[:, None], x_last)
+    inputs = Mamba3Inputs(Q[:, None], K[:, None], V, ADT, DT, Trap, Q_bias[:, None], K_bias[:, None], Angles, D, Z)
+    y, (angle, S, k_last, x_last) = _mamba3_step(inputs, None, state)
+    return y, (angle, S, k_last[:, 0], x_last)
+
+
+def mamba3_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
+                     Z=None, state=None):
+    """One token of the MIMO recurrence: Q, K (b r g n), biases (h r n), MIMO_* (h r p), k state (b r h n)."""
+    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    return _mamba3_step(inputs, MimoWeights(MIMO_V, MIMO_Z, MIMO_O), state)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
+    """Sample a continuation of `prompt`: a chunked prefill of the prompt, then the recurrent step path, O(1) per
+    token whatever the length so far (the cache holds the conv window and the SSM state of every layer)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    logits, cache = model.prefill(torch.tensor([ids], device=device))
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]
+        new_tokens.append(token.item())
+        logits, cache = model.step(token, cache)
+    return tokenizer.decode(new_tokens)
+
+
+# =====================================================================================================================
+# END SECTION: Speed machinery
+# =====================================================================================================================
+
+
+# =====================================================================================================================
+# SECTION: Export (weights in other layouts: from the MLX script, to mamba_ssm)
+# =====================================================================================================================
+
+
+def load_mlx_parameters(model, arrays):
+    """Copy the MLX model's parameters, a flat {name: array} (mlx.utils.tree_flatten(mlx_model.parameters()), arrays
+    as numpy or anything torch.as_tensor takes), into `model`. The names and shapes are the same by construction;
+    any difference is an error that names the parameter."""
+    params = dict(model.named_parameters())
+    missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+    if missing or unknown:
+        raise KeyError(f"parameter names differ from the MLX model's: missing {missing[:6]}, unknown {unknown[:6]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = torch.as_tensor(arrays[name])
+            if value.shape != param.shape:
+                raise ValueError(f"{name}: MLX shape {tuple(value.shape)}, PyTorch shape {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+# A recipe that transfers: EXPORT_UPSTREAM_DIR writes the final model under mamba_ssm's MambaLMHeadModel names and
+# config (README, "Taking a recipe to mamba_ssm"), so MambaLMHeadModel.from_pretrained(EXPORT_UPSTREAM_DIR) loads it.
+# Upstream pads the vocabulary to a multiple of 8, keeps the conv as conv1d (C, 1, K) and stores the tied lm_head too;
+# its Mamba-3 MIMO rotates the state's halves as here, and its Mamba-3 chunk_size counts tokens.
+
+UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.weight", "norm_weight": "norm.weight",
+                  "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
+
+
+def upstream_state(model):
+    """{upstream name: float32 CPU tensor} of a MambaLM's weights (embedding and lm_head one tensor, as upstream's)."""
+    out = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().to("cpu", torch.float32)
+        if name == "embed.weight":
+            value = F.pad(value, (0, 0, 0, -value.shape[0] % 8))  # zero rows up to a multiple of 8
+            out["backbone.embedding.weight"] = out["lm_head.weight"] = value
+        elif name == "norm_f.weight":
+            out["backbone.norm_f.weight"] = value
+        else:
+            _, i, part, rest = name.split(".", 3)  # layers.{i}.{mixer, norm, mlp_norm, mlp}.{rest}
+            if part == "mixer":
+                value = value.T[:, None, :].contiguous() if rest == "conv.weight" else value  # (K, C) -> (C, 1, K)
+                out[f"backbone.layers.{i}.mixer.{UPSTREAM_NAMES.get(rest, rest)}"] = value
+            else:  # the block's norms and its MLP
+                out[f"backbone.layers.{i}.{'norm2' if part == 'mlp_norm' else part}.{rest}"] = value
+    return out
+
+
+def upstream_config(config):
+    """MambaLMHeadModel's config (mamba_ssm's MambaConfig fields) of a ModelConfig."""
+    ssm = dict(layer="Mamba3" if config.architecture == "mamba-3" else "Mamba2", d_state=config.d_state,
+               expand=config.expand, headdim=config.headdim, ngroups=config.ngroups,
+               chunk_size=config.tokens_per_chunk, dt_min=config.dt_min, dt_max=config.dt_max,
+               dt_init_floor=config.dt_init_floor)
+    if config.architecture == "mamba-3":
+        ssm.update(rope_fraction=config.rope_fraction, A_floor=config.a_floor, is_outproj_norm=config.is_outproj_norm,
+                   is_mimo=config.is_mimo, mimo_rank=config.mimo_rank)
+    else:
+        ssm.update(d_conv=config.d_conv)
+    return dict(d_model=config.d_model, d_intermediate=config.mlp_expand * config.d_model, n_layer=config.depth,
+                vocab_size=config.vocab_size, ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
+                residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+
+
+def export_upstream(model, directory):
+    """pytorch_model.bin, then config.json, each whole or not at all (the config last marks a complete export)."""
+    import json
+
+    os.makedirs(directory, exist_ok=True)
+    state = upstream_state(model)
+    prepare._write_atomic(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(state, f), "wb")
+    config = upstream_config(model.config)
+    prepare._write_atomic(os.path.join(directory, "config.json"), lambda f: json.dump(config, f, indent=1), "w")
+    hidden = config["d_intermediate"]
+    if hidden % 128:  # upstream's GatedMLP rounds its hidden width up to a multiple of 128
+        print(f"export: {directory} (config.json, pytorch_model.bin in mamba_ssm's names; MLP_EXPAND * D_MODEL = "
+              f"{hidden} is not a multiple of 128, upstream's MLP width, so it will not load as is)")
+    else:
+        print(f"export: {directory} (config.json, pytorch_model.bin: mamba_ssm's MambaLMHeadModel.from_pretrained "
+              f"loads it)")
+
+
+# =====================================================================================================================
+# END SECTION: Export
+# =====================================================================================================================
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ tokens leave errors of a few 1e-7 to 1e-6 of the scale, measured. A convention e
 before instead of after a norm) moves logits by 1e-2 or more; the MIMO tests were seen to fail with the old pairing."""
 
 import functools
+import json
+import os
+import subprocess
 import sys
 import types
 
@@ -28,6 +31,7 @@ import train_hybrid_moe_mlx as H
 import train_mamba as tm
 import train_mamba_3_mlx as T
 import upstream_reference as U
+from conftest import ROOT, sized_script
 
 VARIANTS = {  # name: upstream config kwargs (d_model 32, 2 layers, d_state 16, headdim 16: 4 heads)
     "mamba-2": dict(layer="Mamba2"),
@@ -364,6 +368,85 @@ def test_start_up_check_names_what_runs(fake_mimo_kernel, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# EXPORT_UPSTREAM_DIR: train_mamba.py's final model in upstream's layout (pytorch_model.bin, config.json)
+
+EXPORTS = {"mamba-2": dict(architecture="mamba-2"), "siso": dict(architecture="mamba-3"),
+           "mimo norm": dict(architecture="mamba-3", is_mimo=True, mimo_rank=2, is_outproj_norm=True),
+           "mlp 128": dict(architecture="mamba-3", mlp_expand=4), "mlp 64": dict(architecture="mamba-2", mlp_expand=2)}
+
+
+def exported_model(variant, seed):
+    torch.manual_seed(seed)
+    config = tm.ModelConfig(vocab_size=61, depth=2, d_model=32, d_state=16, headdim=16, chunk_size=8,
+                            checkpoint_blocks=False, **EXPORTS[variant])
+    return tm.MambaLM(config).eval()
+
+
+@pytest.mark.parametrize("variant", EXPORTS)
+def test_torch_export_is_upstreams_layout_and_loads_back(variant, tmp_path, capsys):
+    """The files equal the reference mapping of the model's state_dict, the config describes those weights (upstream's
+    shapes of it), and the weights mapped back into a fresh model give the same logits."""
+    model = exported_model(variant, 3)
+    tm.export_upstream(model, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "pytorch_model.bin"]
+    written = torch.load(tmp_path / "pytorch_model.bin")
+    want = U.torch_to_upstream(model.state_dict())
+    assert sorted(written) == sorted(want)
+    for name, value in want.items():
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], value), name
+    assert written["lm_head.weight"].data_ptr() == written["backbone.embedding.weight"].data_ptr()  # tied, as upstream
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    c, ssm = model.config, cfg["ssm_cfg"]
+    assert (cfg["n_layer"], cfg["d_model"], cfg["vocab_size"], cfg["d_intermediate"]) == (2, 32, 61, 32 * c.mlp_expand)
+    assert (ssm["d_state"], ssm["headdim"], ssm["expand"], ssm["ngroups"]) == (16, 16, 2, 1)
+    assert ssm["chunk_size"] == model.layers[0].mixer.chunk_size  # tokens (MIMO: keys / rank), as upstream counts
+    assert cfg["tie_embeddings"] and cfg["rms_norm"] and cfg["residual_in_fp32"] and cfg["pad_vocab_size_multiple"] == 8
+    if c.architecture == "mamba-3":
+        assert ssm["layer"] == "Mamba3" and (ssm["is_mimo"], ssm["mimo_rank"], ssm["is_outproj_norm"]) == (
+            c.is_mimo, c.mimo_rank, c.is_outproj_norm)
+        assert (ssm["rope_fraction"], ssm["A_floor"]) == (c.rope_fraction, c.a_floor)
+    else:
+        assert ssm["layer"] == "Mamba2" and ssm["d_conv"] == c.d_conv
+    if cfg["d_intermediate"] % 128 == 0:  # upstream's MLP width: what its model built from this config holds
+        assert {k: tuple(v.shape) for k, v in written.items()} == U.upstream_shapes(cfg)
+        assert capsys.readouterr().out == (f"export: {tmp_path} (config.json, pytorch_model.bin: mamba_ssm's "
+                                           "MambaLMHeadModel.from_pretrained loads it)\n")
+    else:
+        assert "is not a multiple of 128" in capsys.readouterr().out
+
+    fresh = exported_model(variant, 4)
+    fresh.load_state_dict(U.torch_from_upstream(written, vocab_size=61))  # strict: every name
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 61, (2, 21))).long()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_torch_run_with_the_constant_set_exports_after_its_summary(prepared_cache, tmp_path):
+    export = tmp_path / "export"
+    script = sized_script("train_mamba", EXPORT_UPSTREAM_DIR=str(export), ARCHITECTURE="mamba-3")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    line = next(i for i, text in enumerate(lines) if text.startswith(f"export: {export} "))
+    assert line > lines.index("---") and "from_pretrained loads it" in lines[line]
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "pytorch_model.bin"]
+    cfg = json.loads((export / "config.json").read_text())
+    written = torch.load(export / "pytorch_model.bin")
+    assert {k: tuple(v.shape) for k, v in written.items()} == U.upstream_shapes(cfg)
+
+
+def test_a_torch_export_to_a_missing_parent_is_one_line_before_training(prepared_cache):
+    script = sized_script("train_mamba", EXPORT_UPSTREAM_DIR="/no/such/folder/export")
+    done = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "train_mamba.EXPORT_UPSTREAM_DIR must be a folder whose parent exists, got '/no/such/folder/export'" in \
+        done.stderr and "Traceback" not in done.stderr and "---" not in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Optional: upstream's own modules, when mamba_ssm imports (a CPU-only install: MAMBA_SKIP_CUDA_BUILD=TRUE builds no
 # CUDA extension; its kernels are Triton/TileLang/CuTe and do not run on a CPU, so its modules are built and their
 # state_dicts read, and its pure-PyTorch pieces run: the MIMO decode rotation reference and Mamba2.step's torch path)
@@ -459,3 +542,18 @@ def test_upstream_mamba2_step_matches_the_reproduction(monkeypatch):
         y_ref, ref_state = U.mamba2_mixer_step(state, cfg, u[:, 0], ref_state)
         assert torch.allclose(y[:, 0], y_ref, atol=1e-6)  # upstream takes A = -exp(A_log.float()): float32's 1e-8
     assert torch.equal(conv_state, ref_state[0]) and torch.allclose(ssm_state, ref_state[1], atol=1e-6)
+
+
+def test_mamba_ssm_loads_a_torch_export(tmp_path):
+    """MambaLMHeadModel.from_pretrained(the folder) holds the exported weights (where mamba_ssm imports)."""
+    upstream_package()
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    model = exported_model("mlp 128", 3)
+    tm.export_upstream(model, str(tmp_path))
+    try:
+        lm = MambaLMHeadModel.from_pretrained(str(tmp_path))
+    except ValueError as e:  # PyPI 2.3.2.post1's create_block knows only Mamba1 and Mamba2
+        pytest.skip(f"this mamba_ssm builds no Mamba3: {e}")
+    for name, value in U.torch_to_upstream(model.state_dict()).items():
+        assert torch.equal(lm.state_dict()[name].float().cpu(), value), name
