@@ -1,6 +1,8 @@
 """
-Architecture-aware entry point of the fixed harness: prepare data, tokenizer and evaluation rows, size the training
-scripts for the active preset, then say how to train. The work itself lives in prepare.py (the one source of truth).
+Setup, the fixed harness's entry point: prepare data, tokenizer and evaluation rows, size the training scripts for the
+active preset, then say how to train. prepare.py holds what a training run uses; this file what only setup needs:
+the download (retries, no-network detection), the offline import, tokenizer training, sizing, and --calibrate. Both
+files are the harness (its fingerprint hashes both).
 
     uv run prepare_mlx_mamba_3.py [--architecture {mamba-2,mamba-3,hybrid}] [--num-shards N]
                                   [--download-workers W] [--data-dir DIR] [--keep-scripts]
@@ -11,8 +13,11 @@ Sizing writes the active preset's section of each training script into that scri
 with, and `git diff` shows what setup changed. --keep-scripts leaves the scripts as they are.
 """
 
+import errno
+import glob
 import json
 import os
+import pickle
 import shlex
 import shutil
 import subprocess
@@ -25,6 +30,345 @@ import prepare
 ARCHITECTURES = ("mamba-2", "mamba-3", "hybrid")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")  # also the preset sections' names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing the cache, in the order it is built: data, tokenizer, validation rows.
+
+
+def prepare_cache(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
+    """Make the cache ready: data shards, tokenizer, validation rows. Idempotent: each finished step is skipped."""
+    print(prepare.harness_line())
+    t0 = time.time()
+    if data_dir is not None:
+        n_train, available, copied = import_local_corpus(data_dir, num_shards)
+        chosen_by = (f"--num-shards {num_shards}" if num_shards else
+                     f"NUM_SHARDS={prepare.NUM_SHARDS}; --num-shards N for more")
+        some = "" if n_train == available else f" (the first {n_train} of its {available} training files: {chosen_by})"
+        print(f"data: {n_train} training shards{some} + validation from {data_dir} -> {prepare.DATA_DIR} "
+              f"({copied} files copied)")
+    else:
+        _check_num_shards(num_shards)
+        n_train = num_shards or prepare.NUM_SHARDS
+        indices = list(range(n_train)) + [prepare.VAL_SHARD]
+        source = f"huggingface:{prepare.DATASET_REPO}"
+        previous = (prepare._read_manifest() or {}).get("source")
+        if previous not in (None, source):
+            _check_hub_reachable(endpoint)  # before removing another source's shards: offline, keep them
+        os.makedirs(prepare.DATA_DIR, exist_ok=True)
+        manifest = _forget_stale_shards(source, {prepare.SHARD_NAME.format(i): None for i in indices}, exact=False)
+        prepare._write_manifest(manifest)
+        fetched = download_shards(indices, download_workers, endpoint)
+        print(f"data: {n_train} training shards + validation shard {prepare.VAL_SHARD} in {prepare.DATA_DIR} "
+              f"({fetched} downloaded)")
+    problem = _tokenizer_problem()
+    if problem is None:
+        print(f"tokenizer: already trained, {prepare.TOKENIZER_DIR}")
+    else:
+        if problem != "missing":
+            print(f"tokenizer: {problem}; training it again", flush=True)
+        t = time.time()
+        train_tokenizer()
+        print(f"tokenizer: trained BPE ({prepare.VOCAB_SIZE} tokens) in {time.time() - t:.1f}s -> "
+              f"{prepare.TOKENIZER_DIR}")
+    t = time.time()
+    existed = prepare._val_rows_problem(prepare.val_rows_path()) is None
+    rows = prepare.load_val_rows()
+    status = "cached" if existed else f"built in {time.time() - t:.1f}s"
+    print(f"eval: {rows.shape[0]} validation rows x {prepare.MAX_SEQ_LEN} tokens ({status}) -> "
+          f"{prepare.val_rows_path()}")
+    print(f"ready in {time.time() - t0:.1f}s; cache: {prepare.CACHE_DIR}")
+
+
+def _tokenizer_problem():
+    """None when tokenizer.pkl and token_bytes.npy load and fit VOCAB_SIZE; "missing" when neither is there; else
+    what is wrong (prepare then trains the tokenizer again instead of saying it is already trained)."""
+    files = [os.path.join(prepare.TOKENIZER_DIR, name) for name in ("tokenizer.pkl", "token_bytes.npy")]
+    if not any(os.path.exists(path) for path in files):
+        return "missing"
+    try:
+        prepare.Tokenizer.load()
+        prepare.get_token_bytes()
+    except prepare.HarnessError as e:
+        return e.message.split(" Rerun `")[0].split(" Run `")[0].rstrip(".")  # the diagnosis, not "rerun prepare"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The data: climbmix shards from the Hugging Face hub, or an offline folder of parquet files (--data-dir). The cache
+# never mixes shards of two sources (the data manifest, prepare.py).
+
+
+OFFLINE_HINT = (f"Prepare offline instead: `{prepare.PREPARE_COMMAND} --data-dir DIR` "
+                f"(DIR: parquet files + val.parquet).")
+
+
+def _no_network_reason(error):
+    """Why `error` means the hub cannot be reached at all (a name that does not resolve, a refused or unroutable
+    connection), found anywhere in its chain of causes; None for failures worth retrying (timeouts, HTTP 5xx)."""
+    import socket
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror):
+            return f"name resolution failed: {error.strerror or error}"
+        if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) in (
+                errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"connection failed: {error.strerror or error}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_hub_reachable(endpoint=None):
+    """Fail at once, with the offline instructions, when the hub cannot be reached at all. huggingface_hub retries
+    such failures for about 25 seconds per file (minutes in all); a slow or flaky network is left to the retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise prepare.HarnessError(f"HF_HUB_OFFLINE is set, so the data cannot be downloaded. {OFFLINE_HINT}")
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                              "all_proxy")):
+        return  # connections go through a proxy: only the download itself can tell
+    url = urlsplit(endpoint or constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+    except OSError as e:
+        reason = _no_network_reason(e)
+        if reason:
+            raise prepare.HarnessError(f"Cannot reach {url.hostname} ({reason}): no network? {OFFLINE_HINT}") from None
+
+
+def download_shards(indices, workers=8, endpoint=None, attempts=5, backoff_seconds=2.0):
+    """Download climbmix shards into DATA_DIR with huggingface_hub: parallel, resumable, atomic.
+
+    huggingface_hub writes to a temporary `.incomplete` file and renames it only once the size matches the server's,
+    resuming with a Range request when a connection drops; on top of that we retry failed shards with exponential
+    backoff and check that each finished file is valid parquet. A shard already there whose footer is damaged is
+    fetched again. No network at all (see _check_hub_reachable) ends at once. Returns the number of shards fetched."""
+    import queue
+    import threading
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    os.makedirs(prepare.DATA_DIR, exist_ok=True)
+    missing = []
+    for i in indices:
+        if os.path.exists(prepare.shard_path(i)):
+            try:
+                prepare.check_parquet(prepare.shard_path(i))
+                continue
+            except prepare.HarnessError as e:
+                print(f"  {prepare.SHARD_NAME.format(i)}: {e}; fetching it again", flush=True)
+                os.remove(prepare.shard_path(i))
+        missing.append(i)
+    if not missing:
+        return 0
+    _check_hub_reachable(endpoint)
+
+    def fetch(index):
+        name = prepare.SHARD_NAME.format(index)
+        for attempt in range(1, attempts + 1):
+            try:
+                hf_hub_download(prepare.DATASET_REPO, name, repo_type="dataset", local_dir=prepare.DATA_DIR,
+                                endpoint=endpoint, revision="main")
+                prepare.check_parquet(prepare.shard_path(index))
+                return
+            except (Exception, prepare.HarnessError) as e:  # network errors, HTTP 5xx, a corrupt download
+                if os.path.exists(prepare.shard_path(index)):
+                    os.remove(prepare.shard_path(index))  # only a verified shard may look complete
+                if isinstance(e, OSError) and e.errno in prepare.DISK_ERRNOS:
+                    raise  # a full or read-only disk: retrying cannot help (run() reports it)
+                no_network = _no_network_reason(e)
+                if no_network:
+                    raise prepare.HarnessError(f"Download of {name} failed ({no_network}): no network? "
+                                               f"{OFFLINE_HINT}") from None
+                reason = prepare._first_line(e)
+                if attempt == attempts:
+                    raise prepare.HarnessError(
+                        f"Download of {name} failed after {attempts} attempts ({reason}). Check the network and rerun "
+                        f"{prepare.PREPARE_COMMAND} (finished shards are kept), or prepare offline with --data-dir DIR."
+                    ) from None
+                wait = backoff_seconds * 2 ** (attempt - 1)
+                print(f"  {name}: attempt {attempt} failed ({reason}); retrying in {wait:.1f}s", flush=True)
+                time.sleep(wait)
+
+    # Daemon worker threads, not a ThreadPoolExecutor: on Ctrl-C or a fatal error the process can exit at once
+    # instead of waiting for the downloads in flight (their `.incomplete` files are resumed next time).
+    todo, errors = queue.Queue(), []
+    for index in missing:
+        todo.put(index)
+
+    def worker():
+        while not errors:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fetch(index)
+            except BaseException as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(missing))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)  # a short timeout keeps Ctrl-C responsive
+    if errors:
+        raise errors[0]
+    return len(missing)
+
+
+def _check_num_shards(num_shards, available=prepare.VAL_SHARD, where=""):
+    if num_shards is not None and not 1 <= num_shards <= available:
+        raise prepare.HarnessError(f"--num-shards must be between 1 and {available}{where}, got {num_shards}.")
+
+
+def import_local_corpus(source_dir, num_shards=None):
+    """Prepare DATA_DIR from a local folder: every *.parquet except val.parquet becomes a training shard (in sorted
+    order), val.parquet becomes the pinned validation shard. The cache then holds exactly these files: shards already
+    there with the same content are kept, others (another folder's, a damaged copy) are replaced, and what was built
+    from replaced shards goes too (see _forget_stale_shards). Only the first `num_shards` training files (default
+    NUM_SHARDS, at most all) are imported. Returns (training shards imported, training files in the folder, files
+    copied)."""
+    source_dir = os.path.expanduser(source_dir)
+    if not os.path.isdir(source_dir):
+        raise prepare.HarnessError(f"--data-dir {source_dir}: no such directory.")
+    val_file = os.path.join(source_dir, "val.parquet")
+    if not os.path.isfile(val_file):
+        raise prepare.HarnessError(
+            f"--data-dir {source_dir}: no val.parquet. The folder needs training parquet files and the validation "
+            f"split as val.parquet (each with a 'text' column)."
+        )
+    train_files = sorted(
+        f for f in glob.glob(os.path.join(source_dir, "*.parquet")) if os.path.basename(f) != "val.parquet"
+    )
+    if not train_files:
+        raise prepare.HarnessError(f"--data-dir {source_dir}: no training parquet files besides val.parquet.")
+    available = len(train_files)
+    _check_num_shards(num_shards, available, f" (the training files in {source_dir})")
+    train_files = train_files[:num_shards or prepare.NUM_SHARDS]  # the preset's NUM_SHARDS by default, as for downloads
+    if len(train_files) > prepare.VAL_SHARD:
+        raise prepare.HarnessError(f"--data-dir {source_dir}: at most {prepare.VAL_SHARD} training files are "
+                                   f"supported.")
+    sources = [(f, prepare.SHARD_NAME.format(i)) for i, f in enumerate(train_files)]
+    sources.append((val_file, prepare.SHARD_NAME.format(prepare.VAL_SHARD)))
+    fix = f"Replace it in {source_dir} with a good copy (or move it out of that folder), then rerun with --data-dir."
+    for src, _ in sources:
+        prepare.check_parquet(src, fix)
+    wanted = {name: prepare._file_digest(src, 64) for src, name in sources}
+    os.makedirs(prepare.DATA_DIR, exist_ok=True)
+    manifest = _forget_stale_shards(os.path.realpath(source_dir), wanted, exact=True)
+    copied = 0
+    for src, name in sources:
+        if not os.path.exists(os.path.join(prepare.DATA_DIR, name)):
+            _copy_atomic(src, os.path.join(prepare.DATA_DIR, name))
+            copied += 1
+        manifest["files"][name] = prepare._manifest_entry(name, wanted[name])
+    prepare._write_manifest(manifest)
+    return len(train_files), available, copied
+
+
+def _copy_atomic(src, dst):
+    def copy(fout):
+        with open(src, "rb") as fin:
+            while chunk := fin.read(1 << 22):
+                fout.write(chunk)
+
+    prepare._write_atomic(dst, copy)
+
+
+def _forget_stale_shards(source, wanted, exact):
+    """Make sure the cache never mixes shards of two sources. `wanted`: {shard name: sha256, or None when unknown
+    before download (hub shards, immutable by name)}; `exact`: shards not wanted are stale too (a folder import
+    mirrors its folder; the hub keeps extra downloaded shards). A stale shard is removed; if a training shard was
+    stale, the tokenizer trained on it goes too, and with any stale shard the validation rows go. Returns the
+    manifest to complete with the new shards."""
+    manifest = prepare._read_manifest()
+    previous = manifest["source"] if manifest and "source" in manifest else None
+    from_elsewhere = previous is not None and previous != source
+    stale = []
+    for path in sorted(glob.glob(os.path.join(prepare.DATA_DIR, "shard_*.parquet"))):
+        name = os.path.basename(path)
+        if name not in wanted:
+            is_stale = exact or from_elsewhere
+        elif wanted[name] is None:
+            is_stale = from_elsewhere
+        else:
+            is_stale = prepare.shard_digest(name, manifest) != wanted[name]
+        if is_stale:
+            stale.append(name)
+    if stale:
+        val_name = prepare.SHARD_NAME.format(prepare.VAL_SHARD)
+        derived = glob.glob(os.path.join(prepare.EVAL_DIR, "val_*.npy"))
+        if any(name != val_name for name in stale):
+            derived += [os.path.join(prepare.TOKENIZER_DIR, name) for name in ("tokenizer.pkl", "token_bytes.npy")]
+        for path in [os.path.join(prepare.DATA_DIR, name) for name in stale] + derived:
+            if os.path.exists(path):
+                os.remove(path)
+        gone = "the tokenizer and " if any(name != val_name for name in stale) else ""
+        print(f"data: {len(stale)} cached shard(s) differ from {source} (they came from "
+              f"{previous or 'an unrecorded source'}): removed them, {gone}the validation rows built from them; "
+              f"rebuilding", flush=True)
+    files = {} if from_elsewhere or manifest is None else manifest["files"]
+    return {"source": source, "files": {name: entry for name, entry in files.items() if name not in stale}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokenizer: BPE trained with rustbpe on training documents only, used through tiktoken (prepare.Tokenizer).
+
+
+def _training_texts(char_budget):
+    """Training documents for the tokenizer, each capped, until the character budget or one pass over the shards."""
+    used = 0
+    for texts, epoch in prepare.iter_texts("train"):
+        if epoch > 1:
+            return
+        for text in texts:
+            text = text[:prepare.TOKENIZER_DOC_CHARS]
+            yield text
+            used += len(text)
+            if used >= char_budget:
+                return
+
+
+def train_tokenizer(char_budget=prepare.TOKENIZER_TRAIN_CHARS):
+    """Train the BPE on training documents only and save tokenizer.pkl and token_bytes.npy (atomically)."""
+    import numpy as np
+    import rustbpe
+    import tiktoken
+
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_training_texts(char_budget), prepare.VOCAB_SIZE - len(prepare.SPECIAL_TOKENS),
+                            pattern=prepare.SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) != prepare.VOCAB_SIZE - len(prepare.SPECIAL_TOKENS):
+        raise prepare.HarnessError(
+            f"Tokenizer training produced {len(ranks)} tokens instead of "
+            f"{prepare.VOCAB_SIZE - len(prepare.SPECIAL_TOKENS)}: the training data is too small or too repetitive. "
+            f"Prepare more shards."
+        )
+    specials = {name: len(ranks) + i for i, name in enumerate(prepare.SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    token_bytes = np.zeros(prepare.VOCAB_SIZE, dtype=np.int32)  # special tokens keep 0: they are not scored
+    for token, rank in ranks.items():
+        token_bytes[rank] = len(token)
+    # tokenizer.pkl last: its presence is what says "tokenizer ready"
+    prepare._write_atomic(os.path.join(prepare.TOKENIZER_DIR, "token_bytes.npy"), lambda f: np.save(f, token_bytes))
+    prepare._write_atomic(os.path.join(prepare.TOKENIZER_DIR, "tokenizer.pkl"), lambda f: pickle.dump(encoding, f))
+    return encoding
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sizing the training scripts for the active preset.
 
 
 def size_scripts(architecture=None, directory=ROOT):
@@ -87,17 +431,70 @@ def device_memory_gb():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "RAM"
 
 
+# --calibrate refuses to record on a machine that is clearly busy (see busy_reason): other processes kept more than
+# BUSY_CPU_SHARE of the cores busy while it probed (Linux's /proc/stat), or, where that cannot be read, the 1-minute
+# load average exceeded BUSY_LOAD_PER_CORE per core; or its 5 probes spread by more than BUSY_SPREAD (slowest over
+# fastest); or its best probe would read below SLOW_MACHINE against the reference.
+BUSY_CPU_SHARE = 0.25
+BUSY_LOAD_PER_CORE = 0.5
+BUSY_SPREAD = 1.3
+
+
+def _cpu_seconds():
+    """(busy seconds of all cores together, this process's CPU seconds) from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(field) for field in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    own = os.times()
+    busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def probe_repeats(backend, repeats=5):
+    """`repeats` probe times (seconds, each probe_seconds) and the share of the machine's cores that other processes
+    (and, in a VM, its host: steal time) kept busy meanwhile; the share is None where /proc/stat is missing."""
+    before, t0 = _cpu_seconds(), time.perf_counter()
+    times = [prepare.probe_seconds(backend) for _ in range(repeats)]
+    after, wall = _cpu_seconds(), time.perf_counter() - t0
+    if before is None or after is None:
+        return times, None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return times, max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def busy_reason(times, others_share=None, load=None, reference=None):
+    """Why --calibrate's probes (`times`, seconds) were taken on a busy machine, or None when it looked quiet. `load`:
+    the 1-minute load average before probing, used only where `others_share` could not be measured (it lags by a
+    minute); `reference`: the probe reference recorded before (see probe_reference)."""
+    cores, best = os.cpu_count() or 1, min(times)
+    reasons = []
+    if others_share is not None and others_share > BUSY_CPU_SHARE:
+        reasons.append(f"other processes used {others_share:.0%} of the {cores} cores while it probed")
+    elif others_share is None and load is not None and load > BUSY_LOAD_PER_CORE * cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    if max(times) > BUSY_SPREAD * best:
+        reasons.append(f"its {len(times)} probes spread {1000 * best:.1f}-{1000 * max(times):.1f} ms")
+    if reference and reference / best < prepare.SLOW_MACHINE:
+        reasons.append(f"its best probe {1000 * best:.1f} ms is {best / reference:.2f}x this machine's reference "
+                       f"{1000 * reference:.1f} ms")
+    return "; ".join(reasons) or None
+
+
 def record_machine_figures(force=False):
     """Measure the probe 5 times (keeping the best) and the matmul peak (the dtype the scripts compute in here), and
-    record both. On a clearly busy machine (prepare.busy_reason) it refuses, one line and nothing recorded, unless
+    record both. On a clearly busy machine (busy_reason) it refuses, one line and nothing recorded, unless
     `force`. Recording never slows the machine-speed reference: it stays the fastest probe this machine has shown."""
     import mlx.core as mx
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before probing: the probes raise it
     key = prepare.probe_key("mlx")
     reference = prepare.probe_reference(key)
-    times, others_share = prepare.probe_repeats("mlx")
-    busy = prepare.busy_reason(times, others_share, load, reference)
+    times, others_share = probe_repeats("mlx")
+    busy = busy_reason(times, others_share, load, reference)
     if busy and not force:
         raise prepare.HarnessError(f"calibrate: this machine is busy ({busy}): wait until it is quiet and rerun, or "
                                    f"pass --force to record anyway. Nothing was recorded.")
@@ -175,8 +572,16 @@ def calibrate(force=False):
 
 
 def main():
-    parser = prepare.make_parser("Prepare data and tokenizer for autoresearch-mamba (MLX), and size the training "
-                                 "scripts for the active preset.")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch-mamba (MLX), and size "
+                                                 "the training scripts for the active preset.")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help=f"training shards to download, or to import from --data-dir (default "
+                             f"{prepare.NUM_SHARDS}, from the preset; at most the folder's files)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--data-dir", default=None,
+                        help="prepare offline from a folder of parquet files with a 'text' column and val.parquet")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default=None,
                         help="mamba-2 or mamba-3: written into the Mamba scripts' ARCHITECTURE; hybrid: "
                              "train_hybrid_moe_mlx.py (default: the scripts as they are)")
@@ -189,7 +594,7 @@ def main():
     args = parser.parse_args()
     if args.calibrate:
         return calibrate(force=args.force)
-    prepare.prepare(args.num_shards, args.download_workers, args.data_dir)
+    prepare_cache(args.num_shards, args.download_workers, args.data_dir)
     if not args.keep_scripts:
         size_scripts(args.architecture)
         print("sized: the constants above are what the runs train with; `git diff` shows them (program.md: commit)")

@@ -28,6 +28,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402  (before mlx: loads the fast BLAS)
+import prepare_mlx_mamba_3  # noqa: E402
 
 SCRIPTS = ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")
 SMOKE = prepare.load_preset(os.path.join(ROOT, "presets", "smoke.json"))
@@ -112,7 +113,7 @@ def corpus_dir():
 @pytest.fixture(scope="session")
 def prepared_cache(corpus_dir):
     """The test cache, prepared offline from the synthetic corpus: shards, tokenizer, validation rows."""
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     return TEST_CACHE
 
 

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import prepare
+import prepare_mlx_mamba_3
 from conftest import synthetic_documents
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -126,7 +127,7 @@ def test_download_retries_resumes_and_verifies(data_dir):
     files = {prepare.SHARD_NAME.format(i): parquet_bytes(seed=i) for i in indices}
     names = [prepare.SHARD_NAME.format(i) for i in indices]
     with FlakyHub(files, fail_first=[names[1]], cut_first=[names[2]], corrupt_first=[names[3]]) as hub:
-        fetched = prepare.download_shards(indices, workers=3, endpoint=hub.endpoint, backoff_seconds=0.01)
+        fetched = prepare_mlx_mamba_3.download_shards(indices, workers=3, endpoint=hub.endpoint, backoff_seconds=0.01)
     assert fetched == len(indices)
     assert shard_files(data_dir) == sorted(names)
     for name in names:
@@ -136,7 +137,7 @@ def test_download_retries_resumes_and_verifies(data_dir):
 
     # resumable and idempotent: finished shards are not fetched again
     with FlakyHub(files) as hub:
-        assert prepare.download_shards(indices, workers=2, endpoint=hub.endpoint) == 0
+        assert prepare_mlx_mamba_3.download_shards(indices, workers=2, endpoint=hub.endpoint) == 0
     assert sum(hub.gets.values()) == 0
 
 
@@ -145,6 +146,7 @@ def test_download_that_keeps_failing_leaves_no_file_and_says_what_to_do(data_dir
     broken = prepare.SHARD_NAME.format(1)
     with FlakyHub(files, always_fail=[broken]) as hub:
         with pytest.raises(prepare.HarnessError, match=f"Download of {broken} failed after 3 attempts.*--data-dir"):
-            prepare.download_shards([0, 1], workers=2, endpoint=hub.endpoint, attempts=3, backoff_seconds=0.01)
+            prepare_mlx_mamba_3.download_shards([0, 1], workers=2, endpoint=hub.endpoint, attempts=3,
+                                                backoff_seconds=0.01)
     assert hub.gets[broken] == 3
     assert shard_files(data_dir) == [prepare.SHARD_NAME.format(0)]  # the good shard is kept, nothing else

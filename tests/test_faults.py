@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import prepare
+import prepare_mlx_mamba_3
 from conftest import ROOT, TEST_CACHE, synthetic_documents, write_corpus, write_parquet
 
 
@@ -110,13 +111,13 @@ def test_training_script_stops_before_training_on_a_damaged_cache(cache):
 def test_prepare_repairs_a_damaged_tokenizer_and_rows(cache, corpus_dir, capsys):
     good_rows = np.load(prepare.val_rows_path())
     truncate(prepare.val_rows_path(), 0.5)
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     out = capsys.readouterr().out
     assert "rows" in out and "damaged" in out and "(cached)" not in out
     assert np.array_equal(np.load(prepare.val_rows_path()), good_rows)
 
     open(cache / "tokenizer/tokenizer.pkl", "wb").write(b"garbage")
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     out = capsys.readouterr().out
     assert "already trained" not in out and "Damaged tokenizer" in out and "training it again" in out
     prepare.check_cache()
@@ -125,7 +126,7 @@ def test_prepare_repairs_a_damaged_tokenizer_and_rows(cache, corpus_dir, capsys)
 
 def test_prepare_fetches_a_corrupt_cached_copy_again(cache, corpus_dir, capsys):
     truncate(prepare.shard_path(1))
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     assert "(1 files copied)" in capsys.readouterr().out
     prepare.check_parquet(prepare.shard_path(1))
     assert prepare._file_digest(prepare.shard_path(1)) == prepare._file_digest(os.path.join(corpus_dir,
@@ -141,7 +142,7 @@ def test_new_data_dir_replaces_the_old_cache_and_changes_the_fingerprint(cache, 
     other = tmp_path / "other"
     shutil.copytree(corpus_dir, other)
     write_parquet(other / "val.parquet", synthetic_documents(150, seed=2000))
-    prepare.prepare(data_dir=str(other))
+    prepare_mlx_mamba_3.prepare_cache(data_dir=str(other))
     out = capsys.readouterr().out
     assert "1 cached shard(s) differ" in out and "already trained" in out and "built in" in out
     assert prepare._file_digest(prepare.shard_path(prepare.VAL_SHARD)) == prepare._file_digest(other / "val.parquet")
@@ -153,7 +154,7 @@ def test_new_data_dir_replaces_the_old_cache_and_changes_the_fingerprint(cache, 
     # other training files (one only): the old shards and the tokenizer trained on them go
     new = write_corpus(str(tmp_path / "new"), n_train_files=1, docs_per_file=900)
     write_parquet(os.path.join(new, "part_0.parquet"), synthetic_documents(900, seed=77))
-    prepare.prepare(data_dir=new)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=new)
     out = capsys.readouterr().out
     assert "the tokenizer and" in out and "trained BPE" in out
     assert sorted(f for f in os.listdir(cache / "data") if f.startswith("shard_")) == ["shard_00000.parquet",
@@ -162,7 +163,7 @@ def test_new_data_dir_replaces_the_old_cache_and_changes_the_fingerprint(cache, 
     assert prepare.harness_fingerprint() not in (before, after_val)
 
     # back to the first folder: its files again, and with them its fingerprint
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     assert prepare.harness_fingerprint() == before
 
 
@@ -180,7 +181,7 @@ def test_hub_prepare_offline_keeps_an_offline_cache(cache, direct_network):
     before = sorted(os.listdir(cache / "data"))
     started = time.time()
     with pytest.raises(prepare.HarnessError, match="Cannot reach 127.0.0.1 .*--data-dir DIR"):
-        prepare.prepare(endpoint=f"http://127.0.0.1:{closed_port()}")
+        prepare_mlx_mamba_3.prepare_cache(endpoint=f"http://127.0.0.1:{closed_port()}")
     assert time.time() - started < 10
     assert sorted(os.listdir(cache / "data")) == before
 
@@ -189,7 +190,7 @@ def test_hub_prepare_over_a_folder_cache_removes_the_folder_shards(cache, capsys
     """With network, the hub's shards replace a folder's: none of the folder's shards, nor the tokenizer and rows
     built from them, may be mixed with the downloaded ones (hub shards are immutable by name: not hashed)."""
     source = f"huggingface:{prepare.DATASET_REPO}"
-    manifest = prepare._forget_stale_shards(source, {prepare.SHARD_NAME.format(i): None for i in (0, 6542)},
+    manifest = prepare_mlx_mamba_3._forget_stale_shards(source, {prepare.SHARD_NAME.format(i): None for i in (0, 6542)},
                                             exact=False)
     assert manifest == {"source": source, "files": {}}
     assert [f for f in os.listdir(cache / "data") if f.startswith("shard_")] == []
@@ -199,7 +200,7 @@ def test_hub_prepare_over_a_folder_cache_removes_the_folder_shards(cache, capsys
     # the hub again over the hub's own shards: kept, nothing rebuilt
     shutil.copy(os.path.join(TEST_CACHE, "data", "shard_00000.parquet"), cache / "data")
     prepare._write_manifest(manifest)
-    prepare._forget_stale_shards(source, {"shard_00000.parquet": None}, exact=False)
+    prepare_mlx_mamba_3._forget_stale_shards(source, {"shard_00000.parquet": None}, exact=False)
     assert sorted(os.listdir(cache / "data")) == ["manifest.json", "shard_00000.parquet"]
 
 
@@ -213,14 +214,14 @@ def test_hub_prepare_over_a_folder_cache_removes_the_folder_shards(cache, capsys
 ])
 def test_num_shards_out_of_range_is_a_clear_error(cache, corpus_dir, num_shards, message):
     with pytest.raises(prepare.HarnessError, match=message):
-        prepare.prepare(num_shards=num_shards, data_dir=corpus_dir)
+        prepare_mlx_mamba_3.prepare_cache(num_shards=num_shards, data_dir=corpus_dir)
 
 
 def test_data_dir_imports_num_shards_of_the_preset(cache, tmp_path, capsys, monkeypatch):
     """A folder with more training files than the preset's NUM_SHARDS (smoke: 2) gives the first NUM_SHARDS, as a
     download would; --num-shards asks for more, up to all; a NUM_SHARDS above the folder's files imports them all."""
     big = write_corpus(str(tmp_path / "big"), n_train_files=4)  # its first two files are the prepared cache's
-    prepare.prepare(data_dir=big)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=big)
     out = capsys.readouterr().out
     assert "data: 2 training shards (the first 2 of its 4 training files: NUM_SHARDS=2; --num-shards N for more)" in out
     assert "already trained" in out and "(cached)" in out  # the same two shards: nothing rebuilt
@@ -229,15 +230,15 @@ def test_data_dir_imports_num_shards_of_the_preset(cache, tmp_path, capsys, monk
         return sorted(f for f in os.listdir(cache / "data") if f.startswith("shard_"))
 
     assert shards() == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
-    assert prepare.import_local_corpus(big, 3) == (3, 4, 1)
+    assert prepare_mlx_mamba_3.import_local_corpus(big, 3) == (3, 4, 1)
     assert shards() == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_06542.parquet"]
     monkeypatch.setattr(prepare, "NUM_SHARDS", 10)
-    assert prepare.import_local_corpus(big) == (4, 4, 1)
+    assert prepare_mlx_mamba_3.import_local_corpus(big) == (4, 4, 1)
 
 
 def test_num_shards_zero_without_data_dir_fails_before_any_download(cache):
     with pytest.raises(prepare.HarnessError, match="--num-shards must be between 1 and 6542, got 0"):
-        prepare.prepare(num_shards=0, endpoint="http://127.0.0.1:1")
+        prepare_mlx_mamba_3.prepare_cache(num_shards=0, endpoint="http://127.0.0.1:1")
 
 
 def test_integer_text_column_and_corrupt_source_file(tmp_path):
@@ -246,11 +247,11 @@ def test_integer_text_column_and_corrupt_source_file(tmp_path):
     write_parquet(tmp_path / "val.parquet", ["held out"])
     prepare.pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "a.parquet")
     with pytest.raises(prepare.HarnessError, match="column 'text' holds int64, not strings"):
-        prepare.import_local_corpus(str(tmp_path))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path))
     with open(tmp_path / "a.parquet", "wb") as f:
         f.write(b"PAR1 not really")
     with pytest.raises(prepare.HarnessError, match="a.parquet .*Replace it in .* with a good copy") as error:
-        prepare.import_local_corpus(str(tmp_path))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path))
     assert "Delete" not in str(error.value)  # never advise deleting the user's own source file
 
 
@@ -263,8 +264,8 @@ def test_entry_point_errors_are_one_line(cache, tmp_path):
     prepare.pq.write_table(pa.table({"text": [1, 2, 3]}), bad / "a.parquet")
     assert_one_line_error(run_script(["prepare_mlx_mamba_3.py", "--data-dir", str(bad)], cache_env(cache)),
                           "column 'text' holds int64")
-    assert_one_line_error(run_script(["prepare.py", "--num-shards", "-3"], cache_env(cache)),
-                          "--num-shards must be between 1 and 6542, got -3")
+    assert_one_line_error(run_script(["prepare_mlx_mamba_3.py", "--keep-scripts", "--num-shards", "-3"],
+                                     cache_env(cache)), "--num-shards must be between 1 and 6542, got -3")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_no_network_fails_at_once_with_offline_instructions(tmp_path, monkeypatc
     monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "data"))
     started = time.time()
     with pytest.raises(prepare.HarnessError, match=f"{reason}.*--data-dir DIR"):
-        prepare.download_shards([0, 1], endpoint=endpoint or f"http://127.0.0.1:{closed_port()}")
+        prepare_mlx_mamba_3.download_shards([0, 1], endpoint=endpoint or f"http://127.0.0.1:{closed_port()}")
     assert time.time() - started < 10  # not huggingface_hub's 25 s of retries per file
     assert not [f for f in os.listdir(tmp_path / "data") if f.startswith("shard_")]
 
@@ -307,8 +308,8 @@ def test_no_network_is_recognised_inside_wrapped_errors():
         except OSError as inner:
             raise RuntimeError("An error happened while trying to locate the file on the Hub") from inner
     except RuntimeError as outer:
-        assert "name resolution failed" in prepare._no_network_reason(outer)
-    assert prepare._no_network_reason(TimeoutError("read timed out")) is None  # flaky: retried
+        assert "name resolution failed" in prepare_mlx_mamba_3._no_network_reason(outer)
+    assert prepare_mlx_mamba_3._no_network_reason(TimeoutError("read timed out")) is None  # flaky: retried
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -106,17 +106,18 @@ def test_an_unwritable_cache_still_gives_the_summary(cache, monkeypatch):
 
 def test_busy_reason():
     quiet = [0.100, 0.101, 0.103, 0.100, 0.102]
-    assert prepare.busy_reason(quiet, others_share=0.05, load=50.0, reference=0.100) is None  # the share wins
-    assert "other processes used 90% of" in prepare.busy_reason(quiet, others_share=0.9)
-    assert prepare.busy_reason(quiet, load=0.1) is None
-    assert "load average 99.0" in prepare.busy_reason(quiet, load=99.0)  # no /proc/stat: the load average
-    assert "spread 100.0-150.0 ms" in prepare.busy_reason(quiet + [0.150])
-    assert "2.00x this machine's reference 50.0 ms" in prepare.busy_reason(quiet, reference=0.050)
-    assert prepare.busy_reason(quiet, reference=0.095) is None  # within SLOW_MACHINE of the reference
+    # the measured share wins over the load average
+    assert prepare_mlx_mamba_3.busy_reason(quiet, others_share=0.05, load=50.0, reference=0.100) is None
+    assert "other processes used 90% of" in prepare_mlx_mamba_3.busy_reason(quiet, others_share=0.9)
+    assert prepare_mlx_mamba_3.busy_reason(quiet, load=0.1) is None
+    assert "load average 99.0" in prepare_mlx_mamba_3.busy_reason(quiet, load=99.0)  # no /proc/stat: the load average
+    assert "spread 100.0-150.0 ms" in prepare_mlx_mamba_3.busy_reason(quiet + [0.150])
+    assert "2.00x this machine's reference 50.0 ms" in prepare_mlx_mamba_3.busy_reason(quiet, reference=0.050)
+    assert prepare_mlx_mamba_3.busy_reason(quiet, reference=0.095) is None  # within SLOW_MACHINE of the reference
 
 
 def test_probe_repeats_measures_the_others_share():
-    times, share = prepare.probe_repeats("mlx", repeats=2)
+    times, share = prepare_mlx_mamba_3.probe_repeats("mlx", repeats=2)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert share is None if not os.path.exists("/proc/stat") else 0 <= share <= 1.5
 
@@ -128,7 +129,7 @@ def calibrate_cache(cache, monkeypatch):
 
 
 def test_calibrate_refuses_on_a_busy_machine_and_records_with_force(calibrate_cache, monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "probe_repeats", lambda backend: ([0.21, 0.20, 0.24, 0.22, 0.20], 0.95))
+    monkeypatch.setattr(prepare_mlx_mamba_3, "probe_repeats", lambda backend: ([0.21, 0.20, 0.24, 0.22, 0.20], 0.95))
     with pytest.raises(prepare.HarnessError) as refusal:
         prepare_mlx_mamba_3.record_machine_figures()
     message = str(refusal.value)
@@ -142,10 +143,11 @@ def test_calibrate_refuses_on_a_busy_machine_and_records_with_force(calibrate_ca
 
 
 def test_calibrate_keeps_its_best_probe_and_never_slows_the_reference(calibrate_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "probe_repeats", lambda backend: ([0.102, 0.100, 0.104, 0.101, 0.103], 0.01))
+    quiet = [0.102, 0.100, 0.104, 0.101, 0.103]
+    monkeypatch.setattr(prepare_mlx_mamba_3, "probe_repeats", lambda backend: (quiet, 0.01))
     prepare_mlx_mamba_3.record_machine_figures()  # quiet: records the best of its 5 probes
     assert prepare.read_calibration()[KEY] == 0.100 and prepare.probe_reference(KEY) == 0.100
-    monkeypatch.setattr(prepare, "probe_repeats", lambda backend: ([0.2] * 5, 0.01))
+    monkeypatch.setattr(prepare_mlx_mamba_3, "probe_repeats", lambda backend: ([0.2] * 5, 0.01))
     with pytest.raises(prepare.HarnessError, match="2.00x this machine's reference 100.0 ms"):
         prepare_mlx_mamba_3.record_machine_figures()  # no other load seen, but far slower than this machine was
     prepare_mlx_mamba_3.record_machine_figures(force=True)
@@ -164,7 +166,7 @@ def copy_of_the_test_cache(tmp_path):
 def test_calibrate_refusal_exits_non_zero_with_one_line_before_the_runs(prepared_cache, tmp_path):
     cache = copy_of_the_test_cache(tmp_path)
     busy = ("import sys, prepare, prepare_mlx_mamba_3 as p; "
-            "prepare.probe_repeats = lambda backend: ([0.1, 0.11, 0.1, 0.1, 0.1], 0.9); "
+            "p.probe_repeats = lambda backend: ([0.1, 0.11, 0.1, 0.1, 0.1], 0.9); "
             "sys.argv = ['prepare_mlx_mamba_3.py', '--calibrate']; prepare.run(p.main)")
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache))
     result = subprocess.run([sys.executable, "-c", busy], cwd=ROOT, env=env, capture_output=True, text=True,

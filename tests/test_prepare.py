@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import prepare
+import prepare_mlx_mamba_3
 from conftest import ROOT, write_parquet
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def test_offline_prepare_is_complete_and_idempotent(prepared_cache, corpus_dir, 
         os.path.join(corpus_dir, "val.parquet"), 64)
     tokenizer_file = os.path.join(prepare.TOKENIZER_DIR, "tokenizer.pkl")
     before = os.path.getmtime(tokenizer_file), os.path.getmtime(prepare.val_rows_path())
-    prepare.prepare(data_dir=corpus_dir)
+    prepare_mlx_mamba_3.prepare_cache(data_dir=corpus_dir)
     out = capsys.readouterr().out
     assert "(0 files copied)" in out and "already trained" in out and "(cached)" in out
     assert (os.path.getmtime(tokenizer_file), os.path.getmtime(prepare.val_rows_path())) == before
@@ -352,19 +353,19 @@ def test_offline_prepare_is_complete_and_idempotent(prepared_cache, corpus_dir, 
 
 def test_offline_source_errors(tmp_path):
     with pytest.raises(prepare.HarnessError, match="no such directory"):
-        prepare.import_local_corpus(str(tmp_path / "absent"))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path / "absent"))
     write_parquet(tmp_path / "a.parquet", ["some text"])
     with pytest.raises(prepare.HarnessError, match="no val.parquet"):
-        prepare.import_local_corpus(str(tmp_path))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path))
     os.remove(tmp_path / "a.parquet")
     write_parquet(tmp_path / "val.parquet", ["held out"])
     with pytest.raises(prepare.HarnessError, match="no training parquet files"):
-        prepare.import_local_corpus(str(tmp_path))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path))
     import pyarrow as pa
 
     prepare.pq.write_table(pa.table({"content": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(prepare.HarnessError, match="has no 'text' column"):
-        prepare.import_local_corpus(str(tmp_path))
+        prepare_mlx_mamba_3.import_local_corpus(str(tmp_path))
 
 
 def repository_copy(directory):
