@@ -42,13 +42,12 @@ MAMBA_TYPE = "mamba-3"  # what the M blocks are: "mamba-3" or "mamba-2"
 D_MODEL = 512  # width of the residual stream
 
 # Mamba blocks (M): the knobs of train_mamba_3_mlx.py
-D_STATE = 64  # SSM state size n per head (the "key/query" side)
+D_STATE = 64  # SSM state size n per head (the "key/query" side); upstream's default is 128
 HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 0  # tokens per chunk of the chunked scans; 0 = each block's measured default (Mamba-2 32, Mamba-3
-# 64 // MIMO rank). Larger chunks cost more per token inside the chunk, smaller ones more state passing.
+CHUNK_SIZE = 0  # scan chunk, speed only; 0 = measured default: Mamba-2 32 (upstream 256), Mamba-3 64 // MIMO rank
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this

@@ -39,12 +39,12 @@ from torch.utils.checkpoint import checkpoint
 ARCHITECTURE = "mamba-3"  # "mamba-3" or "mamba-2"
 DEPTH = 8  # number of mixer blocks
 D_MODEL = 768  # width of the residual stream
-D_STATE = 64  # SSM state size n per head (the "key/query" side)
+D_STATE = 64  # SSM state size n per head (the "key/query" side); upstream's default is 128
 HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # keys per chunk of the chunked scans: tokens, or tokens x MIMO_RANK for MIMO
+CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2 takes 256
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
