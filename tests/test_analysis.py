@@ -141,3 +141,19 @@ def test_run_logs_overlay_loss_curves(tmp_path, monkeypatch, smoke_run):
     curves = tmp_path / "curves.png"
     assert f"saved {curves}" in text
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+
+
+def test_the_shipped_example_walk_is_a_real_log_the_notebook_plots(tmp_path, monkeypatch):
+    """results.tsv on main is a real walk (bench/RESULTS.md says how it was run): at least 8 rows with a keep,
+    discards and reruns, every commit's first row its decision and later rows reruns, and the notebook plots it."""
+    with open(os.path.join(ROOT, "results.tsv")) as f:
+        log_text = f.read()
+    rows = [line.split("\t") for line in log_text.strip().splitlines()[1:]]
+    assert len(rows) >= 8 and {"keep", "discard", "rerun"} <= {row[3] for row in rows}
+    seen = set()
+    for commit, val_bpb, memory_gb, status, description in rows:
+        assert (status == "rerun") == (commit in seen) and 1.0 < float(val_bpb) < 10.0, (commit, status)
+        seen.add(commit)
+    text, png = run_notebook(tmp_path, log_text, monkeypatch)
+    keeps = sum(row[3] == "keep" for row in rows)
+    assert f"keep: {keeps}" in text and png.stat().st_size > 10_000
