@@ -17,7 +17,6 @@ mixture of experts, the language model, optimizer, training loop and summary, an
 
 import gc
 import math
-import os
 import time
 from collections import namedtuple
 from dataclasses import dataclass

@@ -1,7 +1,6 @@
 """The budget check: the harness counts the training tokens its loaders hand out and the summary says whether they
 match the tokens the timed steps trained on. Reading training data anywhere else breaks the match."""
 
-import os
 import re
 import subprocess
 import sys
