@@ -13,7 +13,7 @@ What a training script calls:
     check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors first
     Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS before every document)
     make_dataloader(tokenizer, B, T, "train", rank, world_size)  endless packed (inputs, targets, epoch), int32 [B, T]
-    probe_machine_speed(dist)          times a fixed probe before the loop (outside the budget)
+    probe_machine_speed(dist)          before the loop: step_midpoint then probes the machine between steps
     step_midpoint(training_time, step_times)   a step runs while this is before TIME_BUDGET; the schedule reads it
     warn_if_evaluation_is_long(step_times, tokens_per_step), check_loss(loss, step), ProgressLine(interval)
     evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness
@@ -25,8 +25,8 @@ The rules, each visible in the summary:
     - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on.
     - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation rows and
       the number of processes: only runs with the same fingerprint are comparable.
-    - machine_speed: the probe before and after, against the fastest probe this machine has shown (1.00 = as fast; a
-      faster run raises the reference first); below 0.90 a `warning:` line: rerun instead of deciding.
+    - machine_speed: a fixed probe every few seconds between training steps (outside the budget), its mean speed
+      against this machine's reference (1.00 = as fast; runs never move it); below 0.90 a `warning:` line.
 The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json,
 machine_speed.json.
 """
@@ -640,18 +640,24 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 # ---------------------------------------------------------------------------------------------------------------------
 # The training loop's helpers.
 
-PROBE_TIMES = {}  # "start", "end": this run's median probe seconds (see machine_speed)
+PROBE_EVERY = 3.0  # wall-clock seconds between machine-speed probes while training (a probe: ~1% of that on a CPU)
+SPEED_PROBES = []  # seconds of each probe this run took between its training steps (see machine_speed)
+_probe = {"run": None, "next": 0.0}
 
 
-def probe_machine_speed(dist=SINGLE_PROCESS, when="start"):
-    """Before the loop, and from print_summary. Not in a data-parallel run, whose ranks would time each other."""
+def probe_machine_speed(dist=SINGLE_PROCESS):
+    """Before the loop: arms the probes that step_midpoint runs between steps, every PROBE_EVERY seconds, outside the
+    budget clock. Not in a data-parallel run, whose ranks would time each other."""
     if dist.world_size == 1:
-        PROBE_TIMES[when] = probe_seconds(_backend())
+        _probe["run"], _probe["next"] = probe_call(_backend()), 0.0
 
 
 def step_midpoint(training_time, step_times, window=5):
     """Where the next step's middle will fall on the training clock. Running a step only while this is before
-    TIME_BUDGET ends a run at the step end nearest to the budget."""
+    TIME_BUDGET ends a run at the step end nearest to the budget. Between timed steps, the machine-speed probe."""
+    if _probe["run"] and step_times and time.monotonic() >= _probe["next"]:
+        SPEED_PROBES.append(_probe["run"]())
+        _probe["next"] = time.monotonic() + PROBE_EVERY
     return training_time + (float(np.median(step_times[-window:])) / 2 if step_times else 0.0)
 
 
@@ -854,7 +860,6 @@ def peak_flops(device_name, dtype, backend="mlx"):
 def print_summary(fields, trained_tokens=None, dist=SINGLE_PROCESS):
     """`---`, then `key: value` lines the agent greps (a machine_speed warning before `---`). Every rank calls it."""
     check = budget_check(trained_tokens, dist)
-    probe_machine_speed(dist, "end")
     speed, warning = machine_speed()
     if warning:
         print(warning)
@@ -886,32 +891,38 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
             f"{trained_tokens:,} ({where})")
 
 
-# Machine speed: a fixed probe (a 1024 x 1024 matmul and 2^22 exps: a step's BLAS and element-wise work) before and
-# after, against the fastest probe this machine has shown: a throttling laptop or a busy neighbour shows. Load only
-# slows a probe, so it never lowers the reference: a calibration taken under load is repaired by the first quiet run.
-SLOW_MACHINE = 0.9
+# Machine speed: a fixed probe (a matmul and exps: a step's BLAS and element-wise work) between training steps at a
+# steady cadence, against this machine's reference. At a fixed budget the steps a run gets follow the mean speed over
+# its training time; a run never moves the reference (one yardstick a night), --calibrate on a quiet machine sets it.
+SLOW_MACHINE = 0.9  # below this mean speed a run lost a tenth of its steps to the machine: `warning:`
+FAST_MACHINE = 1.05  # above it the reference was taken on a slower (busier) machine: a `note:`
 
 
 def machine_speed():
-    """(summary value, warning line or None)."""
-    if "start" not in PROBE_TIMES or "end" not in PROBE_TIMES:
+    """(summary value, warning or note line or None): the mean over this run's probes of reference / probe seconds."""
+    if not SPEED_PROBES:
         return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
-    key, best = probe_key(_backend()), min(PROBE_TIMES["start"], PROBE_TIMES["end"])
-    try:
-        before = raise_probe_reference(key, best)
-        note = ("; reference started by this run" if before is None else
-                f"; reference raised by this run from {1000 * before:.1f} ms" if best < before else "")
-    except OSError as e:  # a read-only or full cache: the summary still comes, scored against what is recorded
-        before = probe_reference(key)
-        note = f"; reference not saved: {e.strerror or e}"
-    reference = best if before is None else min(before, best)
-    start, end = (reference / PROBE_TIMES[when] for when in ("start", "end"))
-    value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f}{note})"
-    if min(start, end) >= SLOW_MACHINE:
-        return value, None
-    return value, (f"warning: the machine ran {1 - min(start, end):.0%} slower than its reference, the fastest probe "
-                   f"it has shown ({1000 * reference:.1f} ms; machine_speed start {start:.2f}, end {end:.2f}): this "
-                   f"val_bpb is not comparable; rerun before deciding")
+    key, times = probe_key(_backend()), np.array(SPEED_PROBES)
+    reference, note = probe_reference(key), ""
+    if reference is None:  # the first run here starts it with a typical fast probe (a lucky one would skew the night)
+        reference, note = float(np.percentile(times, 25)), "; reference started by this run"
+        try:
+            raise_probe_reference(key, reference)
+        except OSError as e:  # a read-only or full cache: the summary still comes
+            note = f"; reference not saved: {e.strerror or e}"
+    speeds = reference / times
+    speed = float(speeds.mean())
+    value = (f"{speed:.2f} ({len(times)} probes over the training time, slowest {speeds.min():.2f}; reference "
+             f"{1000 * reference:.1f} ms{note})")
+    if speed < SLOW_MACHINE:
+        return value, (f"warning: the machine ran {1 - speed:.0%} slower than its reference ({1000 * reference:.1f} ms "
+                       f"probe) over this run's training time: it lost steps to the machine, so this val_bpb is not "
+                       f"comparable; rerun before deciding")
+    if speed > FAST_MACHINE:
+        return value, (f"note: the machine ran {speed - 1:.0%} faster than its reference, which was taken on a busier "
+                       f"machine; the night's runs share it, so they compare; `{CALIBRATE_COMMAND}` on a quiet "
+                       f"machine resets it between nights")
+    return value, None
 
 
 HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
@@ -1069,7 +1080,7 @@ def _timed_calls(run, seconds, at_least=1):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The machine-speed probe (the rule: machine_speed). The reference is the faster of calibration.json's probe and
-# machine_speed.json's, which runs raise.
+# machine_speed.json's, which only the first run on a machine without a calibration writes.
 
 
 def _backend():
@@ -1086,23 +1097,40 @@ def probe_device_name(backend):
     return mx.device_info().get("device_name", str(mx.default_device()))
 
 
-def probe_seconds(backend, seconds=0.5):
-    """Median seconds of the probe over about `seconds` (at least 5 repeats; the median of 5 spread 4% on a quiet
-    2-core VM, a smaller probe 7-15%)."""
+def probe_call(backend):
+    """A function that runs the probe once and returns its seconds: a 1024 x 1024 matmul and 2^20 exps (~30 ms on a
+    2-core CPU), timed after the device has finished earlier work. Its own random key: the run's stream is untouched."""
     if backend == "torch":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        gen = torch.Generator(device).manual_seed(0)  # its own generator: the run's random stream is untouched
-        a, b = (torch.randn(shape, device=device, generator=gen) for shape in ((1024, 1024), (1 << 22,)))
-        run = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
+        gen = torch.Generator(device).manual_seed(0)
+        a, b = (torch.randn(shape, device=device, generator=gen) for shape in ((1024, 1024), (1 << 20,)))
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        work = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
     else:
         import mlx.core as mx
 
-        key = mx.random.key(0)  # its own key: the run's random stream is untouched
-        a, b = mx.random.normal((1024, 1024), key=key), mx.random.normal((1 << 22,), key=key)
-        run = lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
-    return float(np.median(_timed_calls(run, seconds, 5)))
+        key = mx.random.key(0)
+        a, b = mx.random.normal((1024, 1024), key=key), mx.random.normal((1 << 20,), key=key)
+        sync, work = mx.synchronize, lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
+
+    def timed():
+        sync()
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    timed()  # warm-up: allocation and first-call costs
+    return timed
+
+
+def probe_seconds(backend, seconds=0.5):
+    """Median seconds of the probe over about `seconds` (at least 5 calls)."""
+    timed, times, start = probe_call(backend), [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        times.append(timed())
+    return float(np.median(times))
 
 
 def machine_speed_path():
@@ -1110,7 +1138,7 @@ def machine_speed_path():
 
 
 def probe_key(backend):
-    return calibration_key("probe", backend, probe_device_name(backend))
+    return calibration_key("speed-probe", backend, probe_device_name(backend))
 
 
 def probe_reference(key):
