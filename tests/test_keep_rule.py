@@ -102,7 +102,8 @@ def test_log_run_appends_decides_and_writes_the_status(tmp_path):
     def log(val_bpb, description, commit, speed="1.00", budget="ok"):
         run_log = tmp_path / "run.log"
         run_log.write_text(f"step 00001 | loss 9\n---\nval_bpb: {val_bpb}\ntotal_seconds: 100.4\n"
-                           f"peak_memory_mb: 1228.8\nnum_steps: 150\nmachine_speed: {speed} (20 probes over the training time)\n"
+                           f"peak_memory_mb: 1228.8\nnum_steps: 150\n"
+                           f"machine_speed: {speed} (20 probes over the training time)\n"
                            f"budget_check: {budget}\nharness: 3f2a9c81d0be\n")
         return prepare.log_run(str(run_log), description, str(results), commit=commit)
 
