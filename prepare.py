@@ -904,8 +904,8 @@ def machine_speed():
         return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
     key, times = probe_key(_backend()), np.array(SPEED_PROBES)
     reference, note = probe_reference(key), ""
-    if reference is None:  # the first run here starts it with a typical fast probe (a lucky one would skew the night)
-        reference, note = float(np.percentile(times, 25)), "; reference started by this run"
+    if reference is None:  # the first run here starts it where that run reads exactly 1.00
+        reference, note = float(1 / np.mean(1 / times)), "; reference started by this run"
         try:
             raise_probe_reference(key, reference)
         except OSError as e:  # a read-only or full cache: the summary still comes

@@ -25,6 +25,9 @@ import prepare  # noqa: E402
 import numpy as np  # noqa: E402
 
 SPIN = "while True: pass"
+WITH_PROBE_TIMES = ("import atexit, runpy, sys, prepare; atexit.register(lambda: print('probe_ms: ' + ' '.join("
+                    "f'{1000 * t:.1f}' for t in prepare.SPEED_PROBES))); "
+                    "runpy.run_path(sys.argv[1], run_name='__main__')")
 
 
 def sized_copy(script, budget, directory):
@@ -53,8 +56,8 @@ def run(directory, script, preset, core, load, budget, busy):
 
     if load == "whole":
         spin()
-    process = subprocess.Popen([*pin, sys.executable, script], cwd=directory, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([*pin, sys.executable, "-c", WITH_PROBE_TIMES, script], cwd=directory, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, timer = [], None
     for line in process.stdout:
         lines.append(line)
@@ -74,7 +77,8 @@ def run(directory, script, preset, core, load, budget, busy):
     return {"load": load, "num_steps": int(summary["num_steps"]), "machine_speed": speed,
             "warned": any(line.startswith("warning: the machine ran") for line in lines),
             "val_bpb": float(summary["val_bpb"]), "total_seconds": float(summary["total_seconds"]), "probes": probes,
-            "line": summary["machine_speed"]}
+            "line": summary["machine_speed"],
+            "probe_ms": [float(x) for x in re.search(r"^probe_ms: (.*)$", text, re.M).group(1).split()]}
 
 
 def spearman(x, y):
@@ -89,6 +93,7 @@ def main():
     parser.add_argument("--core", type=int, default=(os.cpu_count() or 1) - 1, help="the one core every run uses")
     parser.add_argument("--busy", type=int, default=2, help="spinning processes on that core in the loaded runs")
     parser.add_argument("--order", default="quiet,whole,middle,quiet,whole,middle")
+    parser.add_argument("--json", help="also write every run's figures and probe times (ms) to this file")
     args = parser.parse_args()
     probe_ms = 1000 * prepare.probe_seconds(prepare._backend())
     with tempfile.TemporaryDirectory() as directory:
@@ -101,6 +106,9 @@ def main():
                   f"warning {'yes' if r['warned'] else 'no ':3s}  val_bpb {r['val_bpb']:.6f}  "
                   f"probes {r['probes']} (~{r['probes'] * probe_ms / 1000 / r['total_seconds']:.1%} of "
                   f"{r['total_seconds']:.0f} s)  | {r['line']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
     rho = spearman([r["num_steps"] for r in rows], [r["machine_speed"] for r in rows])
     loaded_warn = all(r["warned"] for r in rows if r["load"] != "quiet")
     quiet_silent = not any(r["warned"] for r in rows if r["load"] == "quiet")
