@@ -893,9 +893,9 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
 
 # Machine speed: a fixed probe (a matmul and exps: a step's BLAS and element-wise work) between training steps at a
 # steady cadence, against this machine's reference. At a fixed budget the steps a run gets follow the mean speed over
-# its training time; a run never moves the reference (one yardstick a night), --calibrate on a quiet machine sets it.
+# its training time; a run never moves the reference (one yardstick a night): --calibrate on a quiet machine sets it.
 SLOW_MACHINE = 0.9  # below this mean speed a run lost a tenth of its steps to the machine: `warning:`
-FAST_MACHINE = 1.05  # above it the reference was taken on a slower (busier) machine: a `note:`
+FAST_MACHINE = 1.1  # above it the reference was taken on a slower (busier) machine: a `note:`
 
 
 def machine_speed():
@@ -907,7 +907,7 @@ def machine_speed():
     if reference is None:  # the first run here starts it where that run reads exactly 1.00
         reference, note = float(1 / np.mean(1 / times)), "; reference started by this run"
         try:
-            raise_probe_reference(key, reference)
+            set_probe_reference(key, reference)
         except OSError as e:  # a read-only or full cache: the summary still comes
             note = f"; reference not saved: {e.strerror or e}"
     speeds = reference / times
@@ -1079,8 +1079,8 @@ def _timed_calls(run, seconds, at_least=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The machine-speed probe (the rule: machine_speed). The reference is the faster of calibration.json's probe and
-# machine_speed.json's, which only the first run on a machine without a calibration writes.
+# The machine-speed probe (the rule: machine_speed). The reference, in machine_speed.json, is set by --calibrate from
+# its runs' probes, or started by the first run on a machine that has none.
 
 
 def _backend():
@@ -1142,13 +1142,13 @@ def probe_key(backend):
 
 
 def probe_reference(key):
-    figures = [read_calibration(path).get(key) for path in (CALIBRATION_PATH, machine_speed_path())]
-    return min((figure for figure in figures if figure), default=None)
+    return read_calibration(machine_speed_path()).get(key)
 
 
-def raise_probe_reference(key, seconds):
-    """Returns the reference before (or None). Under a lock, so concurrent runs never lose each other's figures; where
-    locking fails (a network disk), a lost race only keeps a slightly slower one."""
+def set_probe_reference(key, seconds, replace=False):
+    """Start the reference where there is none (a run), or with `replace` set it, None removing it (--calibrate).
+    Returns the one before. Under a lock, so concurrent runs start it once; where locking fails (a network disk), a
+    lost race only keeps another run's start."""
     path = machine_speed_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a") as lock:
@@ -1159,8 +1159,8 @@ def raise_probe_reference(key, seconds):
         except (ImportError, OSError):
             pass
         before = probe_reference(key)
-        if before is None or seconds < before:
-            figures = {**read_calibration(path), key: seconds}
+        if before is None or replace:
+            figures = {k: v for k, v in {**read_calibration(path), key: seconds}.items() if v is not None}
             _write_atomic(path, lambda f: json.dump(figures, f, indent=1, sort_keys=True), "w")
     return before
 
