@@ -620,6 +620,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
+    _LOADER_QUEUES.append(batches)
     try:
         while True:
             item = batches.get()
@@ -628,6 +629,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
             tokens_served[split] += item[0].size
             yield item
     finally:  # closed or dropped: stop the producer (emptying the queue unblocks its put), give it 10 s to finish
+        _LOADER_QUEUES.remove(batches)
         stop.set()
         deadline = time.time() + 10
         while producer.is_alive() and time.time() < deadline:
@@ -643,6 +645,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 PROBE_EVERY = 3.0  # wall-clock seconds between machine-speed probes while training (a probe: ~1% of that on a CPU)
 SPEED_PROBES = []  # seconds of each probe this run took between its training steps (see machine_speed)
 _probe = {"run": None, "next": 0.0}
+_LOADER_QUEUES = []  # a probe waits for these to be full: it times the machine, not the run's own loader thread
 
 
 def probe_machine_speed(dist=SINGLE_PROCESS):
@@ -655,9 +658,11 @@ def probe_machine_speed(dist=SINGLE_PROCESS):
 def step_midpoint(training_time, step_times, window=5):
     """Where the next step's middle will fall on the training clock. Running a step only while this is before
     TIME_BUDGET ends a run at the step end nearest to the budget. Between timed steps, the machine-speed probe."""
-    if _probe["run"] and step_times and time.monotonic() >= _probe["next"]:
-        SPEED_PROBES.append(_probe["run"]())
-        _probe["next"] = time.monotonic() + PROBE_EVERY
+    now = time.monotonic()
+    if _probe["run"] and step_times and now >= _probe["next"]:
+        if all(q.full() for q in _LOADER_QUEUES) or now >= _probe["next"] + PROBE_EVERY:  # a loader that cannot rest
+            SPEED_PROBES.append(_probe["run"]())
+            _probe["next"] = time.monotonic() + PROBE_EVERY
     return training_time + (float(np.median(step_times[-window:])) / 2 if step_times else 0.0)
 
 

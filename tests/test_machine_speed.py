@@ -96,6 +96,28 @@ def test_probes_run_between_timed_steps_at_a_steady_cadence(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_probe_waits_for_the_runs_own_loader_to_rest(monkeypatch):
+    """A probe while the loader's thread packs batches would time the run, not the machine; one that cannot rest for
+    another PROBE_EVERY seconds is probed anyway."""
+    import queue
+
+    filling = queue.Queue(maxsize=2)
+    filling.put(1)
+    monkeypatch.setattr(prepare, "SPEED_PROBES", [])
+    monkeypatch.setattr(prepare, "_LOADER_QUEUES", [filling])
+    monkeypatch.setattr(prepare, "_probe", {"run": lambda: 0.05, "next": 0.0})
+    prepare._probe["next"] = prepare.time.monotonic()
+    prepare.step_midpoint(1.0, [1.0])
+    assert prepare.SPEED_PROBES == []  # the loader is filling its queue
+    filling.put(2)
+    prepare.step_midpoint(2.0, [1.0, 1.0])
+    assert prepare.SPEED_PROBES == [0.05]  # full: its thread rests
+    filling.get()
+    prepare._probe["next"] -= 2 * prepare.PROBE_EVERY
+    prepare.step_midpoint(3.0, [1.0] * 3)
+    assert prepare.SPEED_PROBES == [0.05, 0.05]  # a loader that never rests does not silence the probe
+
+
 def test_a_busy_run_after_a_quiet_calibration_warns_in_the_summary(prepared_cache, cache, monkeypatch, capsys):
     prepare.set_probe_reference(KEY, 0.100)
     monkeypatch.setattr(prepare, "SPEED_PROBES", [0.150, 0.160])
