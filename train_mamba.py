@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: the values this run trains with (setup writes the preset's sizes here; program.md)
 
 # Model
@@ -37,8 +37,8 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2 takes 256
-DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
+CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2: 256
+DT_MIN = 0.001  # initial dt = softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
 A_FLOOR = 1e-4  # Mamba-3: the decay rate A is at most -A_FLOOR (never a perfect integrator)
@@ -46,13 +46,13 @@ ROPE_FRACTION = 0.5  # Mamba-3: fraction of the state dims rotated by the data-d
 IS_MIMO = False  # Mamba-3: multi-input multi-output state update (rank MIMO_RANK) instead of SISO
 MIMO_RANK = 4
 IS_OUTPROJ_NORM = False  # Mamba-3: grouped RMSNorm before the output gate
-MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 0 = mixers only, as in Mamba
+MLP_EXPAND = 0  # a SwiGLU MLP of width MLP_EXPAND * D_MODEL after each mixer; 0 = none, as in Mamba
 
 # Optimization (learning rates are peak values, scaled by the schedule)
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
 OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
-MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP); measured on the cpu preset, Muon's RMS scaling carries it
+MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP)
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
 SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
 MUON_MOMENTUM = 0.95
@@ -68,10 +68,10 @@ FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
 CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass: less memory, one more forward
 SEED = 42
-EXPORT_UPSTREAM_DIR = ""  # a folder: the final weights and config in mamba_ssm's layout (after the summary; "" = off)
+EXPORT_UPSTREAM_DIR = ""  # a folder for the final weights and config in mamba_ssm's layout ("" = off)
 
 # PyTorch runtime
-COMPILE = True  # torch.compile the model on CUDA (on the CPU the C++ build costs more than it saves)
+COMPILE = True  # torch.compile on CUDA (on the CPU its C++ build costs more than it saves)
 FUSED_KERNELS = True  # on CUDA, mamba_ssm's fused scans where they match the pure ones
 
 
@@ -104,14 +104,10 @@ class ModelConfig:
         return max(1, self.chunk_size // self.mimo_rank) if mimo else self.chunk_size
 
 
-# =====================================================================================================================
 # SECTION: Mamba (the chunked scan, Mamba-2 and Mamba-3 blocks)
 
-FUSED = {}  # architecture -> mamba_ssm's fused scan, where one matches the pure scan at start (speed section)
+FUSED = {}  # architecture -> a fused scan that matches the pure one (speed section)
 
-
-def accumulation_dtype(dtype):  # of decays, cumulative sums and passed states
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rms_norm(x, weight=None, eps=1e-5):  # in float32
@@ -120,8 +116,7 @@ def rms_norm(x, weight=None, eps=1e-5):  # in float32
 
 def init_dt_bias(nheads, c):
     """softplus(dt_bias) log-uniform in [dt_min, dt_max], at least dt_init_floor (upstream)."""
-    dt = torch.exp(torch.empty(nheads).uniform_(math.log(c.dt_min), math.log(c.dt_max)))
-    dt = torch.clamp(dt, min=c.dt_init_floor)
+    dt = torch.exp(torch.empty(nheads).uniform_(math.log(c.dt_min), math.log(c.dt_max))).clamp(min=c.dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
@@ -134,12 +129,11 @@ def segsum(a):
 
 
 def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, start_state=None):
-    """P_t = alpha_t P_{t-1} + w_t sum_j v_{t,j} k_{t,j}^T, y_{t,i} = P_t q_{t,i}, a token's own input weighted
-    diag_weight_t (default w_t; w default 1). q, k (b l r g n), v (b l r h p), log_alpha, weights (b l h), start_state
-    (b h p n) -> y (b l r h p), final state (b h p n). ssd_minimal.py's four steps."""
+    """P_t = alpha_t P_{t-1} + w_t sum_j v_{t,j} k_{t,j}^T, y_{t,i} = P_t q_{t,i} (own input weighted diag_weight_t).
+    q, k (b l r g n), v (b l r h p), log_alpha, weights (b l h), start_state (b h p n) -> y, final state."""
     b, l, r, g, n = q.shape
     h, p = v.shape[-2:]
-    e, Q, acc = h // g, chunk_size, accumulation_dtype(v.dtype)
+    e, Q, acc = h // g, chunk_size, torch.promote_types(v.dtype, torch.float32)  # for decays and states
     weight = torch.ones_like(log_alpha, dtype=acc) if weight is None else weight
     diag_weight = weight if diag_weight is None else diag_weight
     pad = -l % Q
@@ -147,9 +141,8 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
         q, k, v = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (q, k, v))
         log_alpha, weight, diag_weight = (F.pad(t, (0, 0, 0, pad)) for t in (log_alpha, weight, diag_weight))
     c = (l + pad) // Q
-    # (batch, group, chunk) in front, ranks beside time (Q*r rows): every contraction is a batched matmul
-    q = q.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
-    k = k.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
+    # (batch, group, chunk) in front, ranks beside time: batched matmuls
+    q, k = (t.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n) for t in (q, k))
     v = v.reshape(b, c, Q, r, g, e, p).permute(0, 4, 1, 2, 3, 5, 6)  # (b, g, c, Q, r, e, p)
     a = log_alpha.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # (b, g, e, c, Q)
     a_cum = a.cumsum(dim=-1)
@@ -191,8 +184,8 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
 
 
 def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
-    """S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t per head (ssd_minimal_discrete): X = x dt (b l h p),
-    A = A dt (b l h), B, C (b l g n) -> (Y (b l h p), final state (b h p n))."""
+    """S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t (ssd_minimal_discrete): X = x dt (b l h p), A = A dt
+    (b l h), B, C (b l g n) -> (Y, final state (b h p n))."""
     Y, final_state = chunked_scan(C[:, :, None], B[:, :, None], X[:, :, None], A, chunk_size,
                                   start_state=initial_states)
     return Y[:, :, 0].to(X.dtype), final_state
@@ -204,13 +197,12 @@ class Linear(nn.Linear):  # bias-free; torch's init is MLX's
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dims, eps=1e-5):
+    def __init__(self, dims):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dims))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight)
 
 
 class GatedMLP(nn.Module):
@@ -225,7 +217,7 @@ class GatedMLP(nn.Module):
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv, weight (K, channels) as MLX's: K shifted multiply-adds, which torch.compile fuses."""
+    """Depthwise causal conv, weight (K, channels): K shifted multiply-adds, which torch.compile fuses."""
 
     def __init__(self, channels, kernel_size):
         super().__init__()
@@ -258,47 +250,41 @@ class Mamba2(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = Linear(self.d_inner, c.d_model)
 
-    def forward(self, u, state=None):  # state None: from zeros, none returned; else init_state's, carried on
+    def forward(self, u, state=None):  # state: None (training: none kept), () (a fresh sequence), or the carried one
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         K = self.conv.weight.shape[0]
-        if state is None:
-            conv_out = self.conv(xBC)
-        else:  # the conv over [carried window, inputs]
+        if state:  # the conv over [carried window, inputs]
             xBC = torch.cat([state[0].to(xBC.dtype), xBC], dim=1)
-            conv_out = self.conv(xBC)[:, K - 1 :]
+        conv_out = self.conv(xBC)[:, K - 1 :] if state else self.conv(xBC)
         gn = self.ngroups * self.d_state
         x, B, C = torch.split(F.silu(conv_out), [self.d_inner, gn, gn], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
-        B, C = B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state))
+        B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))
         dt = F.softplus(dt.float() + self.dt_bias)
         A = -torch.exp(self.A_log.float())
         if "mamba-2" in FUSED and state is None:
             y = FUSED["mamba-2"](x, dt, A, B, C, self.chunk_size, self.D)
         else:
             y, ssm_state = ssd_scan(x * dt[..., None].to(x.dtype), A * dt, B, C, self.chunk_size,
-                                    None if state is None else state[1])
+                                    state[1] if state else None)
             y = y + x * self.D[:, None].to(x.dtype)
         y = (y.flatten(-2) * F.silu(z)).unflatten(-1, (self.ngroups, -1))  # gate, then a norm per group (upstream)
         out = self.out_proj(rms_norm(y).flatten(-2) * self.norm_weight.to(y.dtype))
         if state is None:
             return out, None
-        return out, (xBC[:, xBC.shape[1] - (K - 1) :].to(accumulation_dtype(xBC.dtype)), ssm_state)
-
-    def init_state(self, batch_size, device=None):
-        return (torch.zeros(batch_size, self.conv.weight.shape[0] - 1, self.conv_dim, device=device),
-                torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device))
+        window = F.pad(xBC, (0, 0, K - 1, 0))[:, xBC.shape[1] :]  # the last K-1 inputs
+        return out, (window.to(torch.promote_types(xBC.dtype, torch.float32)), ssm_state)
 
     def scan_flops_per_token(self):  # forward matmuls, for MFU
         Q, n, p = self.chunk_size, self.d_state, self.headdim
         return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Mamba-3: the recurrence and its chunked form as train_mamba_3_mlx.py's Mamba-3 notes state them.
+# Mamba-3, as train_mamba_3_mlx.py's Mamba-3 notes derive it.
 
 
 def rotate_pairs(x, theta):
-    """Turn dims (2j, 2j+1) of x (..., n) by theta (..., a), j < a (upstream's SISO pairs)."""
+    """Turn dims (2j, 2j+1) of x (..., n) by theta (..., a), j < a (SISO)."""
     a = theta.shape[-1]
     x0, x1 = x[..., : 2 * a].unflatten(-1, (a, 2)).unbind(-1)
     cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
@@ -307,7 +293,7 @@ def rotate_pairs(x, theta):
 
 
 def rotate_halves(x, theta):
-    """Turn dims (j, n/2 + j) of x (..., n) by theta (..., a), j < a (upstream's MIMO pairs)."""
+    """Turn dims (j, n/2 + j) of x (..., n) by theta (..., a), j < a (MIMO)."""
     a, half = theta.shape[-1], x.shape[-1] // 2
     x0, x1 = x[..., :a], x[..., half : half + a]
     cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
@@ -337,7 +323,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         Q, K, Q_bias, K_bias = Q[:, :, None], K[:, :, None], Q_bias[:, None], K_bias[:, None]
         if initial_states is not None:
             initial_states = (*initial_states[:2], initial_states[2][:, None], initial_states[3])
-    acc = accumulation_dtype(V.dtype)
+    acc = torch.promote_types(V.dtype, torch.float32)
     DT, ADT = DT.to(acc).transpose(1, 2), ADT.to(acc).transpose(1, 2)  # (b l h) from here on
     gamma = torch.sigmoid(Trap.to(acc)).transpose(1, 2) * DT  # lam DT
     sigma = DT - gamma  # (1 - lam) DT = beta / alpha
@@ -387,10 +373,9 @@ class Mamba3(nn.Module):
         self.is_mimo, self.is_outproj_norm, self.a_floor = c.is_mimo, c.is_outproj_norm, c.a_floor
         self.mimo_rank = c.mimo_rank if c.is_mimo else 1
         self.chunk_size = c.tokens_per_chunk
-        self.num_rope_angles = int(c.d_state * c.rope_fraction) // 2
-        r, h, n = self.mimo_rank, self.nheads, c.d_state
+        r, h, n, angles = self.mimo_rank, self.nheads, c.d_state, int(c.d_state * c.rope_fraction) // 2
         bc_dim = r * c.ngroups * n
-        self.split_sizes = [self.d_inner, self.d_inner, bc_dim, bc_dim, h, h, h, self.num_rope_angles]
+        self.split_sizes = [self.d_inner, self.d_inner, bc_dim, bc_dim, h, h, h, angles]
         self.in_proj = Linear(c.d_model, sum(self.split_sizes))  # z | x | B | C | dd_dt | dd_A | trap | angles
         self.dt_bias = nn.Parameter(init_dt_bias(h, c))
         self.B_bias = nn.Parameter(torch.ones(h, r, n))
@@ -426,7 +411,7 @@ class Mamba3(nn.Module):
         if "mamba-3" in FUSED and state is None:
             y = FUSED["mamba-3"](**scan, chunk_size=self.chunk_size)
         else:
-            y, new_state = mamba3_scan(**scan, initial_states=state, chunk_size=self.chunk_size)
+            y, new_state = mamba3_scan(**scan, initial_states=state or None, chunk_size=self.chunk_size)
             state = None if state is None else new_state
         if self.is_outproj_norm:  # a per-head RMSNorm, then the gate (and MIMO's down-projection)
             weight = self.norm_weight.reshape(h, p)
@@ -437,12 +422,6 @@ class Mamba3(nn.Module):
                 y = rms_norm(y.float()) * weight * F.silu(z.float())
         return self.out_proj(y.reshape(b, l, self.d_inner).to(z.dtype)), state
 
-    def init_state(self, batch_size, device=None):
-        h, n, p = self.nheads, self.d_state, self.headdim
-        k_shape = (batch_size, h, n) if not self.is_mimo else (batch_size, self.mimo_rank, h, n)
-        return (torch.zeros(batch_size, h, self.num_rope_angles, device=device),
-                torch.zeros(batch_size, h, p, n, device=device), torch.zeros(k_shape, device=device),
-                torch.zeros(batch_size, h, p, device=device))
 
     def scan_flops_per_token(self):
         c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
@@ -450,10 +429,6 @@ class Mamba3(nn.Module):
 
 
 # END SECTION: Mamba
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The language model: a tied token embedding, DEPTH pre-norm residual blocks x = x + mixer(norm(x)) (with MLP_EXPAND > 0
-# also x = x + mlp(norm(x))), a final RMSNorm, logits against the embedding matrix.
 
 
 class Block(nn.Module):
@@ -477,11 +452,11 @@ class MambaLM(nn.Module):
     def __init__(self, config, compute_dtype=torch.float32):
         super().__init__()
         self.config = config
-        self.compute_dtype = compute_dtype  # bfloat16: the forward runs under autocast
+        self.compute_dtype = compute_dtype  # bfloat16: autocast
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm_f = RMSNorm(config.d_model)
-        with torch.no_grad():  # upstream's init, as the MLX script's
+        with torch.no_grad():  # upstream's init
             nn.init.normal_(self.embed.weight, std=0.02)
             writes = config.depth * (2 if config.mlp_expand > 0 else 1)
             for layer in self.layers:
@@ -489,36 +464,32 @@ class MambaLM(nn.Module):
                     proj.weight /= math.sqrt(writes)
 
     def forward(self, input_ids, targets=None, cache=None):
-        """input_ids (b l) int -> logits (b l vocab) float32, or with targets the mean loss. cache: one state per layer
-        (init_cache), replaced in place: decoding runs this same chunked path. The forward enters its own autocast,
-        so the harness, calling model(ids), scores what was trained."""
-        enabled = self.compute_dtype != torch.float32
-        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype if enabled else torch.bfloat16,
-                            enabled=enabled):
+        """(b l) ids -> float32 logits, or the loss. cache (init_cache): replaced in place. Autocast inside: the
+        harness's model(ids) scores what was trained."""
+        with torch.autocast(input_ids.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             x = self.embed(input_ids)
             for i, layer in enumerate(self.layers):
                 if cache is not None:
                     x, cache[i] = layer(x, cache[i])
-                elif self.config.checkpoint_blocks and torch.is_grad_enabled():  # the backward recomputes the block
+                elif self.config.checkpoint_blocks and torch.is_grad_enabled():
                     x = checkpoint(layer, x, use_reentrant=False)[0]
                 else:
                     x = layer(x)[0]
             logits = (self.norm_f(x) @ self.embed.weight.to(x.dtype).T).float()  # tied unembedding
         return logits if targets is None else cross_entropy(logits, targets)
 
-    def init_cache(self, batch_size, device=None):
-        return [layer.mixer.init_state(batch_size, device) for layer in self.layers]
+    def init_cache(self, batch_size=None):  # a fresh sequence per layer
+        return [()] * len(self.layers)
 
-    def prefill(self, input_ids, cache=None):  # (b l) from cache (None: fresh) -> (last logits (b vocab), cache)
-        cache = self.init_cache(input_ids.shape[0], input_ids.device) if cache is None else list(cache)
+    def prefill(self, input_ids, cache=None):  # -> (last logits (b vocab), cache)
+        cache = self.init_cache() if cache is None else list(cache)
         return self(input_ids, cache=cache)[:, -1], cache
 
-    def step(self, token_ids, cache):  # one token (b,) -> (logits (b vocab), cache)
+    def step(self, token_ids, cache):  # token_ids (b,)
         return self.prefill(token_ids[:, None], cache)
 
     def flops_per_token(self):
-        """Training FLOPs per token for MFU: 6 * the weights that multiply activations (the embedding once) + 3 * the
-        scans' forward FLOPs."""
+        """Training FLOPs per token: 6 * weights (the embedding once) + 3 * the scans' forward FLOPs."""
         weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
         weights += [m.weight for m in self.modules() if isinstance(m, CausalConv1d)]
         scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
@@ -526,20 +497,17 @@ class MambaLM(nn.Module):
 
 
 def matrix_parameters(model):
-    """(name, weight) of every projection matrix (the linear layers' weights): Muon's (or MATRIX_LR's) group."""
     return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-# =====================================================================================================================
-# SECTION: Loss, optimizer, schedule (the MLX script's, described there)
+# SECTION: Loss, optimizer, schedule
 
 
-def cross_entropy(logits, targets):  # mean next-token cross-entropy, logits float32
+def cross_entropy(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
 
 
-def orthogonalise(g):
-    """About U V^T of g = U S V^T: MUON_NS_STEPS quintic Newton-Schulz iterations, float32 on the CPU, bf16 on GPUs."""
+def orthogonalise(g):  # about U V^T of g = U S V^T, by quintic Newton-Schulz iterations
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.float32 if g.device.type == "cpu" else torch.bfloat16)
     tall = x.shape[-2] > x.shape[-1]
@@ -552,56 +520,36 @@ def orthogonalise(g):
     return (x.mT if tall else x).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    """The MLX script's Muon: Nesterov momentum, orthogonalised, scaled to AdamW's update size by
-    0.2 sqrt(max(rows, cols)), decoupled decay (torch.optim.Muon scales otherwise)."""
-
-    def __init__(self, params, lr, weight_decay):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                momentum.lerp_(p.grad, 1 - MUON_MOMENTUM)
-                direction = orthogonalise(p.grad.lerp(momentum, MUON_MOMENTUM))  # Nesterov
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
-
-
 class Optimizer:
-    """The MLX script's three groups: the projection matrices (MATRIX_LR, decay) by Muon or AdamW (OPTIMIZER), the
-    embedding (EMBEDDING_LR, decay) and the rest (SCALAR_LR, no decay) by torch's AdamW (fused on CUDA), stepped as
-    one. Each group keeps its peak_lr; the training step sets lr = peak_lr * the schedule's multiplier."""
+    """The MLX script's: the matrices by Muon or AdamW, the embedding and the rest by torch's AdamW."""
 
     def __init__(self, model, device):
         matrices = {id(p) for _, p in matrix_parameters(model)}
         embedding = dict(params=[model.embed.weight], lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY)
-        matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
+        matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR,
+                      weight_decay=WEIGHT_DECAY)
         scalars = dict(params=[p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight],
                        lr=SCALAR_LR, weight_decay=0.0)
-        adam = dict(betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
-        if OPTIMIZER == "muon":
-            self.optimizers = [torch.optim.AdamW([embedding, scalars], **adam), Muon([matrix], MATRIX_LR, WEIGHT_DECAY)]
-        else:
-            self.optimizers = [torch.optim.AdamW([embedding, matrix, scalars], **adam)]
-        self.param_groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
+        self.muon = matrix if OPTIMIZER == "muon" else None
+        self.adamw = torch.optim.AdamW([embedding, scalars] if self.muon else [embedding, matrix, scalars],
+                                       betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
+        self.param_groups = self.adamw.param_groups + ([self.muon] if self.muon else [])
         for group in self.param_groups:
             group["peak_lr"] = group["lr"]
+        self.zero_grad, self.momentum = model.zero_grad, {}
 
+    @torch.no_grad()
     def step(self):
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        self.adamw.step()
+        for p in self.muon["params"] if self.muon else []:  # torch.optim.Muon scales its update otherwise
+            lr = self.muon["lr"]
+            momentum = self.momentum.setdefault(p, torch.zeros_like(p)).lerp_(p.grad, 1 - MUON_MOMENTUM)
+            direction = orthogonalise(p.grad.lerp(momentum, MUON_MOMENTUM))  # Nesterov
+            p.mul_(1 - lr * self.muon["weight_decay"]).add_(direction, alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
 
 
 def lr_multiplier(progress):
-    """Linear warmup over WARMUP_RATIO of the budget, constant, then linear warmdown to FINAL_LR_FRAC over the last
-    WARMDOWN_RATIO. progress = training seconds so far / TIME_BUDGET."""
+    """Warmup over WARMUP_RATIO, constant, warmdown to FINAL_LR_FRAC over WARMDOWN_RATIO; progress in [0, 1]."""
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
     if progress <= 1.0 - WARMDOWN_RATIO:
@@ -614,16 +562,15 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """step(batches, lr_mult) -> (mean loss as a device tensor, epoch): forward + backward per micro-batch, clip,
-    update, with no host sync; the next micro-batch of the step is fetched while the GPU works (never one beyond the
-    step: the budget check counts every batch fetched). compile_model: default COMPILE on CUDA. data_parallel: DDP."""
+    """step(batches, lr_mult) -> (mean loss on the device, epoch), no host sync; the step's next micro-batch is
+    fetched while the GPU works, never one beyond the step."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
     wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
     forward = torch.compile(wrapped) if compile_model else wrapped
-    prefetched = []  # the next (x, y, epoch), already on its way to the device
+    prefetched = []
 
-    def to_device(array):  # pinned and non-blocking on CUDA, so the copy overlaps the queued GPU work
+    def to_device(array):  # pinned and non-blocking on CUDA: the copy overlaps the queued GPU work
         tensor = torch.from_numpy(array)
         return tensor.pin_memory().to(device, non_blocking=True).long() if device.type == "cuda" else tensor.long()
 
@@ -645,91 +592,33 @@ def make_training_step(model, optimizer, grad_accum_steps, device, compile_model
             if not last:
                 prefetched.append(fetch(batches))
         if GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
         optimizer.step()
         optimizer.zero_grad()
         return loss_sum / grad_accum_steps, epoch
 
-    step.forward = forward  # the (compiled) model, reused for evaluation
+    step.forward = forward  # reused for evaluation
     return step
 
 
-def check_hyperparameters(tokens_per_micro_step):
-    """One-line errors for settings that cannot train, before any time is spent. Checked in order, so a comparison
-    between two constants only meets values already known to be numbers."""
-    g = globals()
-
-    def number(name, test, requirement):
-        value = g[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
-        return name, ok, f"must be {requirement}, got {value!r}"
-
-    def checks():
-        yield prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3"))
-        yield prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16"))
-        yield prepare.one_of(g, "OPTIMIZER", ("muon", "adamw"))
-        for name in ("IS_MIMO", "IS_OUTPROJ_NORM", "CHECKPOINT_BLOCKS", "COMPILE", "FUSED_KERNELS"):
-            yield prepare.one_of(g, name, (True, False))
-        yield from prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV",
-                                    "MIMO_RANK", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS", "DT_MIN",
-                                    "DT_MAX", "DT_INIT_FLOOR", "ADAM_EPS")
-        yield "CHUNK_SIZE", isinstance(CHUNK_SIZE, int) and CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"
-        yield "MLP_EXPAND", isinstance(MLP_EXPAND, int) and MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"
-        yield "DT_MAX", DT_MAX >= DT_MIN, f"must be at least DT_MIN ({DT_MIN!r}), got {DT_MAX!r}"
-        for name in ("MATRIX_LR", "EMBEDDING_LR", "SCALAR_LR", "WEIGHT_DECAY", "A_FLOOR"):
-            yield number(name, lambda v: v >= 0, ">= 0")
-        yield number("GRAD_CLIP", lambda v: v >= 0, ">= 0 (0 = no clipping)")
-        for name in ("ADAM_BETA1", "ADAM_BETA2", "MUON_MOMENTUM"):
-            yield number(name, lambda v: 0 <= v < 1, "in [0, 1)")
-        for name in ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"):
-            yield number(name, lambda v: 0 <= v <= 1, "in [0, 1]")
-        yield ("WARMDOWN_RATIO", WARMUP_RATIO + WARMDOWN_RATIO <= 1,
-               f"+ WARMUP_RATIO must be at most 1 (the whole budget), got {WARMDOWN_RATIO!r} + {WARMUP_RATIO!r}")
-        yield number("ROPE_FRACTION", lambda v: 0 < v <= 1, "in (0, 1]")
-        yield ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
-               f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}")
-        yield ("HEADDIM", EXPAND * D_MODEL % HEADDIM == 0,
-               f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}")
-        heads = EXPAND * D_MODEL // HEADDIM
-        yield "NGROUPS", heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"
-        yield "SEED", isinstance(SEED, int) and not isinstance(SEED, bool), f"must be an integer, got {SEED!r}"
-        if EXPORT_UPSTREAM_DIR:
-            folder = os.path.abspath(EXPORT_UPSTREAM_DIR)
-            yield ("EXPORT_UPSTREAM_DIR", os.path.isdir(os.path.dirname(folder)),
-                   f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}")
-            yield ("EXPORT_UPSTREAM_DIR", os.access(folder if os.path.exists(folder) else os.path.dirname(folder),
-                                                    os.W_OK) and (os.path.isdir(folder) or not os.path.exists(folder)),
-                   f"must be a folder this process can write, got {EXPORT_UPSTREAM_DIR!r}")
-        yield ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
-               f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
-               f"got {TOTAL_BATCH_SIZE!r}")
-
-    prepare.check_hyperparameters("train_mamba", checks())
-
-
 def main():
-    t_start = t_script_start
-    dist = prepare.distributed("torch")  # rank and world size under torchrun; rank 0 of 1 in a plain run
-    print(prepare.harness_line())  # the preset and the harness constants in force
+    dist = prepare.distributed("torch")  # torchrun's ranks; rank 0 of 1 in a plain run
+    print(prepare.harness_line())
     seq_len = prepare.MAX_SEQ_LEN
-    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
-    torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
-    cuda = torch.cuda.is_available()
+    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)  # one-line errors: speed section
+    torch.manual_seed(SEED)  # the same on every rank
+    cuda = torch.cuda.is_available()  # TF32 stays off: the scans' state passing needs float32
     device = torch.device("cuda", dist.local_rank) if cuda else torch.device("cpu")
-    # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa
     tokenizer = prepare.Tokenizer.from_directory()
-    # "auto": bf16 autocast on CUDA; float32 on the CPU, whose bf16 matmuls are slower
-    if COMPUTE_DTYPE == "auto":
-        compute_dtype = torch.bfloat16 if cuda else torch.float32
-    else:
-        compute_dtype = getattr(torch, COMPUTE_DTYPE)
+    auto = torch.bfloat16 if cuda else torch.float32  # the CPU's bf16 matmuls are slower than its float32 ones
+    compute_dtype = auto if COMPUTE_DTYPE == "auto" else getattr(torch, COMPUTE_DTYPE)
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.machine()}"
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size())
     model = MambaLM(config, compute_dtype).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token()
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
-    scan_backend = choose_scan_backend(config, device)  # fills FUSED where a kernel matches: speed section
+    scan_backend = choose_scan_backend(config, device)  # fills FUSED: speed section
     grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name}, "
@@ -741,18 +630,18 @@ def main():
     training_step = make_training_step(model, optimizer, grad_accum_steps, device, data_parallel=dist.world_size > 1)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)
-    progress_line = prepare.ProgressLine(interval=0)  # in run.log: one line per step (the loss curve)
+    progress_line = prepare.ProgressLine(interval=0)  # one line per step in run.log
     gc.collect()
-    gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
+    gc.freeze()  # keep the collector's pauses out of the timed loop
     gc.disable()
 
-    prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
+    prepare.probe_machine_speed(dist)  # the summary's machine_speed, outside the budget
 
     # The clock counts every step but the first (it compiles); a step runs while its predicted middle is in budget.
     training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
     while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
         if cuda:
-            torch.cuda.synchronize(device)  # the step's clock starts when the GPU is idle
+            torch.cuda.synchronize(device)
         t0 = time.time()
         lr_mult = lr_multiplier(midpoint / prepare.TIME_BUDGET)
         loss, epoch = training_step(train_loader, lr_mult)
@@ -760,7 +649,7 @@ def main():
         train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
-            t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
+            t_startup = time.time() - t_script_start
         else:
             training_time += step_time
             step_times.append(step_time)
@@ -777,7 +666,6 @@ def main():
     progress_line.close()
     gc.enable()
 
-    # Evaluation: the harness scores the (compiled, on CUDA) forward under the model's own autocast.
     t_eval = time.time()
     val_bpb = prepare.evaluate_bpb(training_step.forward, DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
@@ -793,9 +681,8 @@ def main():
         "preset": prepare.PRESET_NAME,
         "val_bpb": val_bpb,
         "training_seconds": training_time,
-        "total_seconds": time.time() - t_start,
-        # CUDA: the tensors' peak; the CPU: the process's peak RSS (Linux reports KiB)
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else
+        "total_seconds": time.time() - t_script_start,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else  # CPU: peak RSS (KiB)
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "mfu_percent": 100 * flops_per_token * tokens_per_s / (peak * dist.world_size),  # tokens/s of all ranks
         "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
@@ -805,18 +692,74 @@ def main():
         "scan_backend": scan_backend,
     }, trained_tokens=step * TOTAL_BATCH_SIZE, dist=dist)
     if EXPORT_UPSTREAM_DIR and dist.rank == 0:
-        export_upstream(model, EXPORT_UPSTREAM_DIR)  # mamba_ssm's layout, below the speed section
+        export_upstream(model, EXPORT_UPSTREAM_DIR)  # below the speed section
 
 
-# =====================================================================================================================
-# SECTION: Speed machinery (mamba_ssm's fused scans behind FUSED, their start-up check; decoding)
-# choose_scan_backend() fills FUSED once at start, only with a kernel that imports and matches the pure scan on a
-# random problem of the model's shape (output and every input gradient): a kernel with another convention never trains.
-# The kernels take the pure scans' arguments; Mamba-2's takes x, dt, A apart (it folds dt in itself).
+# SECTION: Speed machinery (the knobs' checks, mamba_ssm's fused scans behind FUSED and their check, decoding)
 
 
-def _fused_candidates():
-    """{kind: (function, kernel name)} for the fused kernels that import here, in the pure scans' arguments."""
+def check_hyperparameters(tokens_per_micro_step):
+    """One-line errors for settings that cannot train; in order, so a comparison only meets checked numbers."""
+    g = globals()
+
+    def number(name, test, requirement):
+        value = g[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
+        return name, ok, f"must be {requirement}, got {value!r}"
+
+    def writable(folder):  # a folder, or a place for one, where files can be made
+        try:
+            with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else os.path.dirname(folder)):
+                return not os.path.isfile(folder)
+        except OSError:
+            return False
+
+    def checks():
+        yield prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3"))
+        yield prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16"))
+        yield prepare.one_of(g, "OPTIMIZER", ("muon", "adamw"))
+        for name in ("IS_MIMO", "IS_OUTPROJ_NORM", "CHECKPOINT_BLOCKS", "COMPILE", "FUSED_KERNELS"):
+            yield prepare.one_of(g, name, (True, False))
+        yield from prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV",
+                                    "MIMO_RANK", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS", "DT_MIN",
+                                    "DT_MAX", "DT_INIT_FLOOR", "ADAM_EPS")
+        yield "CHUNK_SIZE", isinstance(CHUNK_SIZE, int) and CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"
+        yield number("MLP_EXPAND", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0 = no MLP)")
+        yield "DT_MAX", DT_MAX >= DT_MIN, f"must be at least DT_MIN ({DT_MIN!r}), got {DT_MAX!r}"
+        ranges = {">= 0": ("MATRIX_LR", "EMBEDDING_LR", "SCALAR_LR", "WEIGHT_DECAY", "A_FLOOR", "GRAD_CLIP"),
+                  "in [0, 1)": ("ADAM_BETA1", "ADAM_BETA2", "MUON_MOMENTUM"),
+                  "in [0, 1]": ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"), "in (0, 1]": ("ROPE_FRACTION",)}
+        tests = {">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+                 "in (0, 1]": lambda v: 0 < v <= 1}
+        for requirement, names in ranges.items():
+            yield from (number(name, tests[requirement], requirement) for name in names)
+        yield ("WARMDOWN_RATIO", WARMUP_RATIO + WARMDOWN_RATIO <= 1,
+               f"+ WARMUP_RATIO must be at most 1 (the whole budget), got {WARMDOWN_RATIO!r} + {WARMUP_RATIO!r}")
+        yield ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
+               f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}")
+        yield ("HEADDIM", EXPAND * D_MODEL % HEADDIM == 0,
+               f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}")
+        heads = EXPAND * D_MODEL // HEADDIM
+        yield "NGROUPS", heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"
+        yield "SEED", isinstance(SEED, int) and not isinstance(SEED, bool), f"must be an integer, got {SEED!r}"
+        if EXPORT_UPSTREAM_DIR:
+            folder = os.path.abspath(EXPORT_UPSTREAM_DIR)
+            yield ("EXPORT_UPSTREAM_DIR", os.path.isdir(os.path.dirname(folder)),
+                   f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}")
+            yield ("EXPORT_UPSTREAM_DIR", writable(folder),
+                   f"must be a folder this process can write in, got {EXPORT_UPSTREAM_DIR!r}")
+        yield ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
+               f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
+               f"got {TOTAL_BATCH_SIZE!r}")
+
+    prepare.check_hyperparameters("train_mamba", checks())
+
+
+# A kernel enters FUSED only if it matches the pure scan on a problem of the model's shape: another convention never
+# trains.
+
+
+def _fused_candidates():  # {kind: (function, kernel name)} of the kernels that import
     found = {}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -850,7 +793,7 @@ def _fused_candidates():
         @torch.compiler.disable
         def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
                        Z=None, chunk_size=16):
-            # The kernel turns dims (j, n/2 + j) for j < n / divisor (2 or 4); angles past ours are zero, so never turn
+            # it turns dims (j, n/2 + j) for j < n / divisor (2 or 4); angles past ours are zero
             n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
             divisor = 4 if a <= n // 4 else 2
             if n % 2 or a > n // divisor:
@@ -871,7 +814,7 @@ def _fused_candidates():
 
 
 def _pure_ssd_with_dt(x, dt, A, B, C, chunk_size, D):
-    """ssd_scan in the fused kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
+    """ssd_scan in the kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
     y, _ = ssd_scan(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size)
     return y + x * D[:, None].to(x.dtype)
 
@@ -880,7 +823,7 @@ PURE_SCANS = {"ssd": _pure_ssd_with_dt, "siso": mamba3_scan, "mimo": mamba3_scan
 
 
 def _random_scan_problem(kind, config, batch, length, device, dtype):
-    """Inputs of the model's shape (heads, dims, rank) in the ranges training sees, for the start-up check."""
+    """Scan inputs of the model's shapes in the ranges training sees."""
     c, gen = config, torch.Generator().manual_seed(0)
     h, g, n, p, r = c.expand * c.d_model // c.headdim, c.ngroups, c.d_state, c.headdim, c.mimo_rank
     a = int(c.d_state * c.rope_fraction) // 2
@@ -910,8 +853,7 @@ def _random_scan_problem(kind, config, batch, length, device, dtype):
 
 
 def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
-    """(ok, detail): the fused kernel's output and input gradients against the pure scan's in float32, relative to
-    each tensor's largest magnitude."""
+    """(ok, detail): output and input gradients against the pure scan's in float32, relative errors."""
     inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
     reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
     y_fused = fused(**inputs, chunk_size=chunk_size)
@@ -936,7 +878,7 @@ def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
 
 
 def choose_scan_backend(config, device):
-    """Fill FUSED for this run where a kernel passes the check; returns what runs, for the summary's scan_backend."""
+    """Fill FUSED where a kernel passes the check; returns what runs (scan_backend)."""
     FUSED.clear()
     if not (FUSED_KERNELS and device.type == "cuda"):
         return "torch"
@@ -949,7 +891,7 @@ def choose_scan_backend(config, device):
     problem = _random_scan_problem(kind, config, 2, 4 * config.tokens_per_chunk, device, torch.bfloat16)
     try:
         ok, detail = fused_matches_pure(fused, PURE_SCANS[kind], problem, config.tokens_per_chunk)
-    except Exception as e:  # an unsupported shape, a kernel compile failure, ...
+    except Exception as e:  # an unsupported shape, a failed kernel build
         ok, detail = False, f"{type(e).__name__}: {e}"
     if not ok:
         print(f"scan backend: mamba_ssm {name} disagrees with the pure scan ({detail}); using the pure-PyTorch scan")
@@ -965,7 +907,7 @@ make_optimizer = Optimizer  # the name tests/distributed_worker.py calls it by
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
-    """Sample a continuation of `prompt`: a prefill, then one token at a time from the carried states."""
+    """A sampled continuation of `prompt`, a token at a time from the carried states."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
     logits, cache = model.prefill(torch.tensor([ids], device=device))
@@ -983,13 +925,11 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 # END SECTION: Speed machinery
 
 
-# =====================================================================================================================
-# SECTION: Export (weights in other layouts: from the MLX script, to mamba_ssm)
+# SECTION: Export (weights from the MLX script, to mamba_ssm)
 
 
 def load_mlx_parameters(model, arrays):
-    """Copy the MLX model's parameters, a flat {name: array} (mlx.utils.tree_flatten(mlx_model.parameters())), into
-    `model`: the same names and shapes by construction, so any difference is an error naming the parameter."""
+    """Copy the MLX model's flat {name: array} into `model`; the error names a parameter that differs."""
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or unknown:
@@ -1002,21 +942,19 @@ def load_mlx_parameters(model, arrays):
             param.copy_(value.to(param.dtype))
 
 
-# EXPORT_UPSTREAM_DIR: the final model under mamba_ssm's MambaLMHeadModel names and config, so its from_pretrained
-# loads it (README, "Taking a recipe to mamba_ssm"). Upstream pads the vocabulary to a multiple of 8, keeps the conv as
-# conv1d (C, 1, K), stores the tied lm_head too, and counts its Mamba-3 chunk in tokens.
+# EXPORT_UPSTREAM_DIR: mamba_ssm's MambaLMHeadModel names and config (README).
 
 UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.weight", "norm_weight": "norm.weight",
                   "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
 
 
 def upstream_state(model):
-    """{upstream name: float32 CPU tensor} of a MambaLM's weights (embedding and lm_head one tensor, as upstream's)."""
+    """{upstream name: float32 CPU tensor}; the vocabulary padded to a multiple of 8, as upstream's."""
     out = {}
     for name, value in model.state_dict().items():
         value = value.detach().to("cpu", torch.float32)
         if name == "embed.weight":
-            value = F.pad(value, (0, 0, 0, -value.shape[0] % 8))  # zero rows up to a multiple of 8
+            value = F.pad(value, (0, 0, 0, -value.shape[0] % 8))
             out["backbone.embedding.weight"] = out["lm_head.weight"] = value
         elif name == "norm_f.weight":
             out["backbone.norm_f.weight"] = value
@@ -1031,7 +969,7 @@ def upstream_state(model):
 
 
 def upstream_config(config):
-    """MambaLMHeadModel's config (mamba_ssm's MambaConfig fields) of a ModelConfig."""
+    """mamba_ssm's MambaConfig of a ModelConfig (its Mamba-3 chunk counts tokens)."""
     ssm = dict(layer="Mamba3" if config.architecture == "mamba-3" else "Mamba2", d_state=config.d_state,
                expand=config.expand, headdim=config.headdim, ngroups=config.ngroups,
                chunk_size=config.tokens_per_chunk, dt_min=config.dt_min, dt_max=config.dt_max,
@@ -1047,7 +985,7 @@ def upstream_config(config):
 
 
 def export_upstream(model, directory):
-    """pytorch_model.bin, then config.json, each whole or not at all (the config last marks a complete export)."""
+    """pytorch_model.bin, then config.json (a complete export), each written whole or not at all."""
     import json
 
     os.makedirs(directory, exist_ok=True)

@@ -337,7 +337,8 @@ def test_mamba3_gradients_match_recurrence(mimo, rank):
 def test_scan_precision_on_cuda_with_and_without_tf32(allow_tf32, tolerance):
     """A model-sized SISO scan (n = p = chunk = 64, four chunks) in float32 on the GPU against the recurrence in float64
     on the CPU: float32's tolerance with TF32 off, a looser one with it on (as main() sets it). TF32 rounds matmul
-    operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up to 1e-3 relative."""
+    operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up to 1e-3
+    relative."""
     inputs = mamba3_inputs(2, 256, 4, 2, 64, 64, 16, seed=0)
     ref, ref_state = mamba3_steps({k: v.double() for k, v in inputs.items()}, False)
     with cuda_tf32(allow_tf32):
@@ -443,9 +444,9 @@ def test_optimizer_groups_and_schedule(monkeypatch):
         assert scalars["weight_decay"] == 0
         for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias", "conv.weight"):
             assert any(names[id(p)].endswith(no_decay) for p in scalars["params"]), no_decay
-        by_muon = [p for o in getattr(made, "optimizers", [made]) if isinstance(o, tm.Muon) for g in o.param_groups
-                   for p in g["params"]]
+        by_muon = made.muon["params"] if made.muon else []
         assert by_muon == (matrices["params"] if optimizer == "muon" else [])
+        assert not {id(p) for p in by_muon} & {id(p) for g in made.adamw.param_groups for p in g["params"]}
     assert tm.lr_multiplier(1.0 - tm.WARMDOWN_RATIO) == 1.0
     assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
     monkeypatch.setattr(tm, "WARMUP_RATIO", 0.0)
