@@ -18,7 +18,7 @@ t_script_start = time.time()  # total_seconds counts from here (imports included
 
 if __name__ == "__main__":  # a run, not an import: the harness asks torch for the device
     os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")
-import prepare  # first: the harness (constants, presets, data, evaluation)
+import prepare  # first: the harness
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ D_MODEL = 768  # width of the residual stream
 D_STATE = 64  # SSM state size n per head (the "key/query" side); upstream's default is 128
 HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
-NGROUPS = 1  # B/C groups; heads share B and C within a group
+NGROUPS = 1  # B/C groups, each shared by its heads
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
 CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2: 256
 DT_MIN = 0.001  # initial dt = softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
@@ -61,7 +61,7 @@ ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
-GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 = off
 WARMUP_RATIO = 0.0  # share of the time budget ramping the learning rate up from 0
 WARMDOWN_RATIO = 0.5  # share of the budget at the end decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
@@ -109,7 +109,6 @@ class ModelConfig:
 FUSED = {}  # architecture -> a fused scan that matches the pure one (speed section)
 
 
-
 def rms_norm(x, weight=None, eps=1e-5):  # in float32
     return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
 
@@ -133,7 +132,7 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
     q, k (b l r g n), v (b l r h p), log_alpha, weights (b l h), start_state (b h p n) -> y, final state."""
     b, l, r, g, n = q.shape
     h, p = v.shape[-2:]
-    e, Q, acc = h // g, chunk_size, torch.promote_types(v.dtype, torch.float32)  # for decays and states
+    e, Q, acc = h // g, chunk_size, torch.promote_types(v.dtype, torch.float32)  # decays, states
     weight = torch.ones_like(log_alpha, dtype=acc) if weight is None else weight
     diag_weight = weight if diag_weight is None else diag_weight
     pad = -l % Q
@@ -184,8 +183,8 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
 
 
 def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
-    """S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t (ssd_minimal_discrete): X = x dt (b l h p), A = A dt
-    (b l h), B, C (b l g n) -> (Y, final state (b h p n))."""
+    """S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t (ssd_minimal_discrete): X = x dt (b l h p), A = A dt (b l h),
+    B, C (b l g n)."""
     Y, final_state = chunked_scan(C[:, :, None], B[:, :, None], X[:, :, None], A, chunk_size,
                                   start_state=initial_states)
     return Y[:, :, 0].to(X.dtype), final_state
@@ -236,6 +235,8 @@ class CausalConv1d(nn.Module):
 
 
 class Mamba2(nn.Module):
+    """mamba_ssm's modules/mamba2.py: in_proj -> z, xBC, dt; causal conv; SSD with skip D; gated RMSNorm; out_proj."""
+
     def __init__(self, c):
         super().__init__()
         self.d_inner = c.expand * c.d_model
@@ -250,7 +251,7 @@ class Mamba2(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = Linear(self.d_inner, c.d_model)
 
-    def forward(self, u, state=None):  # state: None (training: none kept), () (a fresh sequence), or the carried one
+    def forward(self, u, state=None):  # state: None (training: none kept), () (a new sequence), or a carried one
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         K = self.conv.weight.shape[0]
         if state:  # the conv over [carried window, inputs]
@@ -315,9 +316,9 @@ def cumulative_angles(increments, initial_angle, chunk_size):
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None,
                 MIMO_O=None, initial_states=None, chunk_size=64):
-    """In upstream's kernel arguments (mamba3_siso_combined, or mamba3_mimo with MIMO_V): Q, K (b l g n) (MIMO
-    (b l r g n)); V, Z (b l h p); ADT, DT, Trap (b h l); biases (h n) (h r n); Angles (b l 1 a); MIMO_* (h r p);
-    states (angle (b h a), S (b h p n), k (b h n) (b r h n), x (b h p)) -> (out (b l h p), final states)."""
+    """Upstream's kernel arguments (mamba3_siso_combined; mamba3_mimo with MIMO_V): Q, K (b l g n), MIMO (b l r g n);
+    V, Z (b l h p); ADT, DT, Trap (b h l); biases (h n) (h r n); Angles (b l 1 a); MIMO_* (h r p); states (angle
+    (b h a), S (b h p n), k (b h n) (b r h n), x (b h p)) -> (out (b l h p), final states)."""
     mimo = MIMO_V is not None
     if not mimo:  # a rank axis of 1 from here on
         Q, K, Q_bias, K_bias = Q[:, :, None], K[:, :, None], Q_bias[:, None], K_bias[:, None]
@@ -360,11 +361,13 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     return o.to(V.dtype), (theta[:, -1], final_S, k[:, -1] if mimo else k[:, -1, 0], V[:, -1].to(acc))
 
 
-def heavy_tail(u):  # 1 + u for u >= 0, 1 / (1 - u) below, branch-free (no inf gradient)
+def heavy_tail(u):  # 1 + u for u >= 0, 1 / (1 - u) below; branch-free, so no inf gradient
     return (1 + F.relu(u)) / (1 + F.relu(-u))
 
 
 class Mamba3(nn.Module):
+    """mamba_ssm's modules/mamba3.py: in_proj -> z, x, B, C, dt, A, trap, angles; mamba3_scan; gate; out_proj."""
+
     def __init__(self, c):
         super().__init__()
         self.d_inner = c.expand * c.d_model
@@ -464,8 +467,7 @@ class MambaLM(nn.Module):
                     proj.weight /= math.sqrt(writes)
 
     def forward(self, input_ids, targets=None, cache=None):
-        """(b l) ids -> float32 logits, or the loss. cache (init_cache): replaced in place. Autocast inside: the
-        harness's model(ids) scores what was trained."""
+        """(b l) ids -> float32 logits, or the loss; cache (init_cache) is updated. Autocast inside, for the harness."""
         with torch.autocast(input_ids.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             x = self.embed(input_ids)
             for i, layer in enumerate(self.layers):
@@ -478,15 +480,11 @@ class MambaLM(nn.Module):
             logits = (self.norm_f(x) @ self.embed.weight.to(x.dtype).T).float()  # tied unembedding
         return logits if targets is None else cross_entropy(logits, targets)
 
-    def init_cache(self, batch_size=None):  # a fresh sequence per layer
+    def init_cache(self, batch_size=None):  # a new sequence in every layer, for forward(ids, cache=cache)
         return [()] * len(self.layers)
 
-    def prefill(self, input_ids, cache=None):  # -> (last logits (b vocab), cache)
-        cache = self.init_cache() if cache is None else list(cache)
-        return self(input_ids, cache=cache)[:, -1], cache
-
-    def step(self, token_ids, cache):  # token_ids (b,)
-        return self.prefill(token_ids[:, None], cache)
+    def step(self, token_ids, cache):  # one token (b,) -> (logits (b vocab), cache)
+        return self(token_ids[:, None], cache=cache)[:, -1], cache
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 * weights (the embedding once) + 3 * the scans' forward FLOPs."""
@@ -549,7 +547,7 @@ class Optimizer:
 
 
 def lr_multiplier(progress):
-    """Warmup over WARMUP_RATIO, constant, warmdown to FINAL_LR_FRAC over WARMDOWN_RATIO; progress in [0, 1]."""
+    """Warmup, constant, warmdown to FINAL_LR_FRAC; progress in [0, 1]."""
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
     if progress <= 1.0 - WARMDOWN_RATIO:
@@ -602,7 +600,7 @@ def make_training_step(model, optimizer, grad_accum_steps, device, compile_model
 
 
 def main():
-    dist = prepare.distributed("torch")  # torchrun's ranks; rank 0 of 1 in a plain run
+    dist = prepare.distributed("torch")  # rank 0 of 1 unless under torchrun
     print(prepare.harness_line())
     seq_len = prepare.MAX_SEQ_LEN
     check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)  # one-line errors: speed section
@@ -699,7 +697,7 @@ def main():
 
 
 def check_hyperparameters(tokens_per_micro_step):
-    """One-line errors for settings that cannot train; in order, so a comparison only meets checked numbers."""
+    """One-line errors for impossible settings, in order: a comparison meets checked numbers."""
     g = globals()
 
     def number(name, test, requirement):
@@ -708,9 +706,11 @@ def check_hyperparameters(tokens_per_micro_step):
         return name, ok, f"must be {requirement}, got {value!r}"
 
     def writable(folder):  # a folder, or a place for one, where files can be made
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return False
         try:
             with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else os.path.dirname(folder)):
-                return not os.path.isfile(folder)
+                return True
         except OSError:
             return False
 
@@ -755,8 +755,7 @@ def check_hyperparameters(tokens_per_micro_step):
     prepare.check_hyperparameters("train_mamba", checks())
 
 
-# A kernel enters FUSED only if it matches the pure scan on a problem of the model's shape: another convention never
-# trains.
+# A kernel enters FUSED only if it matches the pure scan: one with another convention never trains.
 
 
 def _fused_candidates():  # {kind: (function, kernel name)} of the kernels that import
@@ -853,7 +852,7 @@ def _random_scan_problem(kind, config, batch, length, device, dtype):
 
 
 def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
-    """(ok, detail): output and input gradients against the pure scan's in float32, relative errors."""
+    """(ok, detail): output and input gradients against the pure scan's, relative errors."""
     inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
     reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
     y_fused = fused(**inputs, chunk_size=chunk_size)
@@ -901,8 +900,8 @@ def choose_scan_backend(config, device):
     return f"mamba_ssm.{name}"
 
 
-mamba3_mimo_scan = mamba3_scan  # the name tests/test_upstream_parity.py calls it by
-make_optimizer = Optimizer  # the name tests/distributed_worker.py calls it by
+mamba3_mimo_scan = mamba3_scan  # for tests/test_upstream_parity.py
+make_optimizer = Optimizer  # for tests/distributed_worker.py
 
 
 @torch.no_grad()
@@ -910,7 +909,8 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
     """A sampled continuation of `prompt`, a token at a time from the carried states."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    logits, cache = model.prefill(torch.tensor([ids], device=device))
+    cache = model.init_cache()
+    logits = model(torch.tensor([ids], device=device), cache=cache)[:, -1]
     new_tokens = []
     for _ in range(max_new_tokens):
         if temperature == 0:

@@ -414,10 +414,9 @@ def test_prefill_and_step_match_forward(name):
     ids = torch.randint(0, 50, (2, 11), generator=make_generator(0))
     with torch.no_grad():
         full = model(ids)
-        logits, cache = model.prefill(ids[:, :3])
-        assert_close(logits, full[:, 2], 1e-5, "prefill")
-        logits, cache = model.prefill(ids[:, 3:6], cache)
-        assert_close(logits, full[:, 5], 1e-5, "prefill from a cache")
+        cache = model.init_cache(2)
+        assert_close(model(ids[:, :3], cache=cache), full[:, :3], 1e-5, "prefill")
+        assert_close(model(ids[:, 3:6], cache=cache), full[:, 3:6], 1e-5, "prefill from a cache")
         for t in range(6, 11):
             logits, cache = model.step(ids[:, t], cache)
             assert_close(logits, full[:, t], 1e-5, f"step {t}")
