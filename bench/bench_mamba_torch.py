@@ -8,7 +8,8 @@ Throughput benchmark of train_mamba.py, the PyTorch mirror (a script, not a test
      compiled) and, where mamba_ssm imports, its fused kernel after the same start-up check the script runs;
   3. with --profile, the CUDA kernels that take the most time in one training step of each variant;
   4. memory (only when asked): the live-tensor peak of one eager training step, with and without block
-     checkpointing, from torch's MemTracker (the tensors themselves, on the CPU too, where RSS overstates them).
+     checkpointing, from torch's MemTracker (the tensors themselves, on the CPU too, where RSS overstates them);
+  5. losses (only when asked): eight training steps from one seed, in this script and the --against copy.
 
 Defaults: on CUDA the script's full-size configuration (depth 8, d_model 768, d_state 64, headdim 64, chunk 64,
 8 x 2048 tokens per pass, bf16 autocast); on CPU a small one so it finishes (depth 2, d_model 128, 2 x 256, float32).
@@ -16,7 +17,7 @@ With --against FILE (another copy of the script, e.g. `git show main:train_mamba
 of every variant also runs in that copy, the two interleaved step by step in one run, with the ratio new / base: the
 check for a change to a hot path on a machine whose speed drifts.
 
-Run: `uv run --extra torch bench/bench_mamba_torch.py [--only step,scan,memory] [--variants mamba-2,mamba-3]
+Run: `uv run --extra torch bench/bench_mamba_torch.py [--only step,scan,memory,losses] [--variants mamba-2,mamba-3]
 [--steps 10] [--no-compile] [--no-fused] [--profile] [--depth 8 --d-model 768 ...] [--against FILE]`.
 """
 
@@ -97,7 +98,8 @@ def build(config, args, device, module=T):
 
 def time_training_steps(configs, args, device):
     """{name: (median seconds per step, model, backend)} of configs {name: (config, module)}, each after warm-up steps
-    (compilation, autotuning), timed one step of each in turn so that a drift in the machine's speed hits all alike."""
+    (compilation, autotuning), timed one step of each in turn, in alternating order, so that a drift in the machine's
+    speed hits all alike."""
     built = {}
     for name, (config, module) in configs.items():
         model, step, backend = build(config, args, device, module)
@@ -106,8 +108,8 @@ def time_training_steps(configs, args, device):
             step(batches, 1.0)[0].item()
         built[name] = (model, step, backend, batches)
     times = {name: [] for name in built}
-    for _ in range(args.steps):
-        for name, (_, step, _, batches) in built.items():
+    for i in range(args.steps):
+        for name, (_, step, _, batches) in list(built.items())[:: 1 if i % 2 == 0 else -1]:  # first in turn
             synchronize(device)
             t0 = time.perf_counter()
             step(batches, 1.0)[0].item()
@@ -210,6 +212,26 @@ def bench_scan(args, device):
                   f"(scan matmul FLOPs)", flush=True)
 
 
+def bench_losses(args, device):
+    """Eight optimizer steps from one seed on fixed random batches (two micro-batches a step, the schedule over eight
+    steps), in this script and, with --against, in the other copy: a change meant to keep the numbers keeps these."""
+    modules = {"": T} | ({" base": load_script(args.against)} if args.against else {})
+    print(f"\n== eight training steps from one seed, depth {args.depth}, d_model {args.d_model}, batch {args.batch} x "
+          f"{args.seq_len}, {args.dtype}, compile {args.compile} ==")
+    for name in args.variants:
+        losses = {}
+        for suffix, module in modules.items():
+            torch.manual_seed(42)
+            model = module.MambaLM(make_config(args, module, **VARIANTS[name]), args.dtype).to(device)
+            step = module.make_training_step(model, make_optimizer(module, model, device), 2, device,
+                                             compile_model=args.compile)
+            batches = random_batches(args.batch, args.seq_len, model.config.vocab_size)
+            losses[suffix] = [step(batches, module.lr_multiplier(i / 8))[0].item() for i in range(8)]
+            print(f"{name + suffix:18s} " + " ".join(f"{loss:.6f}" for loss in losses[suffix]), flush=True)
+        if args.against:
+            print(f"{name:18s} {'bit-identical' if losses[''] == losses[' base'] else 'DIFFERENT'}", flush=True)
+
+
 def bench_memory(args, device):
     """The live-tensor peak of one training step, checkpointed as the script's CHECKPOINT_BLOCKS and not: what every
     tensor alive at once holds, counted by torch's MemTracker (a dispatch mode that follows each storage from its
@@ -243,7 +265,7 @@ def bench_memory(args, device):
 def main():
     on_cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="step,scan", help="comma-separated: step,scan,memory")
+    parser.add_argument("--only", default="step,scan", help="comma-separated: step,scan,memory,losses")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     parser.add_argument("--depth", type=int, default=T.DEPTH if on_cuda else 2)
     parser.add_argument("--d-model", type=int, default=T.D_MODEL if on_cuda else 128)
@@ -283,6 +305,8 @@ def main():
         bench_scan(args, device)
     if "memory" in only:
         bench_memory(args, device)
+    if "losses" in only:
+        bench_losses(args, device)
 
 
 if __name__ == "__main__":
