@@ -14,9 +14,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-t_script_start = time.time()  # total_seconds counts from here (imports included)
+t_script_start = time.time()  # total_seconds counts from here
 
-if __name__ == "__main__":  # a run, not an import: the harness asks torch for the device
+if __name__ == "__main__":  # a run: the harness asks torch for the device
     os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")
 import prepare  # first: the harness
 
@@ -161,7 +161,7 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
     v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
     chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
 
-    # 3. pass the states across chunks, in float32 (TF32 off) whatever the autocast
+    # 3. pass the states across chunks, in float32 whatever the autocast
     with torch.autocast(q.device.type, enabled=False):
         chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
         if start_state is None:
@@ -281,7 +281,7 @@ class Mamba2(nn.Module):
         return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
 
 
-# Mamba-3, as train_mamba_3_mlx.py's Mamba-3 notes derive it.
+# Mamba-3 (train_mamba_3_mlx.py's notes derive the chunked form)
 
 
 def rotate_pairs(x, theta):
@@ -316,7 +316,8 @@ def cumulative_angles(increments, initial_angle, chunk_size):
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None,
                 MIMO_O=None, initial_states=None, chunk_size=64):
-    """Upstream's kernel arguments (mamba3_siso_combined; mamba3_mimo with MIMO_V): Q, K (b l g n), MIMO (b l r g n);
+    """S_t = alpha_t S_{t-1} + beta_t v_{t-1} k_{t-1}^T + gamma_t v_t k_t^T, y_t = S_t q_t + D v_t, q and k rotated,
+    in upstream's kernel arguments (mamba3_siso_combined; mamba3_mimo with MIMO_V): Q, K (b l g n), MIMO (b l r g n);
     V, Z (b l h p); ADT, DT, Trap (b h l); biases (h n) (h r n); Angles (b l 1 a); MIMO_* (h r p); states (angle
     (b h a), S (b h p n), k (b h n) (b r h n), x (b h p)) -> (out (b l h p), final states)."""
     mimo = MIMO_V is not None
@@ -328,7 +329,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     DT, ADT = DT.to(acc).transpose(1, 2), ADT.to(acc).transpose(1, 2)  # (b l h) from here on
     gamma = torch.sigmoid(Trap.to(acc)).transpose(1, 2) * DT  # lam DT
     sigma = DT - gamma  # (1 - lam) DT = beta / alpha
-    sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # 0 after the last token: the final shifted state is S
+    sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # 0 after the last token: the final state is unshifted
 
     theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None],
                               None if initial_states is None else initial_states[0].to(acc), chunk_size)
@@ -337,7 +338,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     def heads(X, bias):  # (b l r g n) + (h r n) -> (b l r h n)
         return X.repeat_interleave(bias.shape[0] // X.shape[-2], dim=-2) + bias.transpose(0, 1).to(X.dtype)
 
-    def ranks(x):  # (..., h, p) -> the per-rank values (..., r, h, p)
+    def ranks(x):  # (..., h, p) -> (..., r, h, p)
         return x.unsqueeze(-3) * MIMO_V.transpose(0, 1).to(x.dtype) if mimo else x.unsqueeze(-3)
 
     q, k, v = rotate(heads(Q, Q_bias), theta[:, :, None]), rotate(heads(K, K_bias), theta[:, :, None]), ranks(V)
