@@ -164,11 +164,8 @@ def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, 
     # 3. pass the states across chunks, in float32 whatever the autocast
     with torch.autocast(q.device.type, enabled=False):
         chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
-        if start_state is None:
-            first = chunk_states.new_zeros(b, g, e, 1, p, n)
-        else:
-            first = start_state.to(acc).reshape(b, g, e, 1, p, n)
-        states = torch.cat([first, chunk_states], dim=3)
+        first = chunk_states.new_zeros(b, g, e, 1, p, n) if start_state is None else start_state.to(acc)
+        states = torch.cat([first.reshape(b, g, e, 1, p, n), chunk_states], dim=3)
         chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, e, c+1, c+1)
         states = (chunk_decay @ states.reshape(b, g, e, c + 1, p * n)).view(b, g, e, c + 1, p, n)
     entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
@@ -561,8 +558,8 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """step(batches, lr_mult) -> (mean loss on the device, epoch), no host sync; the step's next micro-batch is
-    fetched while the GPU works, never one beyond the step."""
+    """step(batches, lr_mult) -> (mean loss on the device, epoch), with no host sync; it fetches its next micro-batch
+    while the GPU works."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
     wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
