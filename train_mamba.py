@@ -35,10 +35,10 @@ D_MODEL = 768  # width of the residual stream
 D_STATE = 64  # SSM state size n per head (the "key/query" side); upstream's default is 128
 HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
-NGROUPS = 1  # B/C groups, each shared by its heads
+NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
 CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2: 256
-DT_MIN = 0.001  # initial dt = softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
+DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
 A_FLOOR = 1e-4  # Mamba-3: the decay rate A is at most -A_FLOOR (never a perfect integrator)
@@ -46,13 +46,13 @@ ROPE_FRACTION = 0.5  # Mamba-3: fraction of the state dims rotated by the data-d
 IS_MIMO = False  # Mamba-3: multi-input multi-output state update (rank MIMO_RANK) instead of SISO
 MIMO_RANK = 4
 IS_OUTPROJ_NORM = False  # Mamba-3: grouped RMSNorm before the output gate
-MLP_EXPAND = 0  # a SwiGLU MLP of width MLP_EXPAND * D_MODEL after each mixer; 0 = none, as in Mamba
+MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 0 = mixers only, as in Mamba
 
 # Optimization (learning rates are peak values, scaled by the schedule)
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
 OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
-MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP)
+MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP); measured on the cpu preset, Muon's RMS scaling carries it
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
 SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
 MUON_MOMENTUM = 0.95
@@ -61,14 +61,14 @@ ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
-GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 = off
+GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
 WARMUP_RATIO = 0.0  # share of the time budget ramping the learning rate up from 0
 WARMDOWN_RATIO = 0.5  # share of the budget at the end decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
 CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass: less memory, one more forward
 SEED = 42
-EXPORT_UPSTREAM_DIR = ""  # a folder for the final weights and config in mamba_ssm's layout ("" = off)
+EXPORT_UPSTREAM_DIR = ""  # a folder: the final weights and config in mamba_ssm's layout (after the summary; "" = off)
 
 # PyTorch runtime
 COMPILE = True  # torch.compile on CUDA (on the CPU its C++ build costs more than it saves)
@@ -485,7 +485,7 @@ class MambaLM(nn.Module):
         return self(token_ids[:, None], cache=cache)[:, -1], cache
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 * weights (the embedding once) + 3 * the scans' forward FLOPs."""
+        """Training FLOPs per token: 6 * weights (embedding once) + 3 * scan FLOPs."""
         weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
         weights += [m.weight for m in self.modules() if isinstance(m, CausalConv1d)]
         scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
@@ -558,8 +558,7 @@ def lr_multiplier(progress):
 
 
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """step(batches, lr_mult) -> (mean loss on the device, epoch), with no host sync; it fetches its next micro-batch
-    while the GPU works."""
+    """step(batches, lr_mult) -> (mean loss on the device, epoch); no host sync, the next batch fetched meanwhile."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
     wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
@@ -691,7 +690,7 @@ def main():
         export_upstream(model, EXPORT_UPSTREAM_DIR)  # below the speed section
 
 
-# SECTION: Speed machinery (the knobs' checks, mamba_ssm's fused scans behind FUSED and their check, decoding)
+# SECTION: Speed machinery (the knobs' checks, mamba_ssm's fused scans and their check, decoding)
 
 
 def check_hyperparameters(tokens_per_micro_step):
@@ -844,7 +843,7 @@ def _random_scan_problem(kind, config, batch, length, device, dtype):
         if kind == "mimo":
             problem.update(MIMO_V=1 / r + 0.1 * rand(h, r, p), MIMO_Z=1 + 0.1 * rand(h, r, p),
                            MIMO_O=1 / r + 0.1 * rand(h, r, p))
-    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # what arrives in bf16 from the projections under autocast
+    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # bf16 under autocast
     return {key: value.to(device=device, dtype=dtype if key in low_precision else torch.float32)
             for key, value in problem.items()}
 
@@ -927,7 +926,7 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
 
 
 def load_mlx_parameters(model, arrays):
-    """Copy the MLX model's flat {name: array} into `model`; the error names a parameter that differs."""
+    """Copy the MLX model's flat {name: array} into `model`, naming a parameter that differs."""
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or unknown:
@@ -939,8 +938,6 @@ def load_mlx_parameters(model, arrays):
                 raise ValueError(f"{name}: MLX shape {tuple(value.shape)}, PyTorch shape {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
 
-
-# EXPORT_UPSTREAM_DIR: mamba_ssm's MambaLMHeadModel names and config (README).
 
 UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.weight", "norm_weight": "norm.weight",
                   "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
