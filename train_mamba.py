@@ -1,13 +1,7 @@
 """
 Train a Mamba-2 or Mamba-3 (SISO / MIMO) language model with PyTorch for a fixed time budget, then report val_bpb.
 
-The PyTorch mirror of train_mamba_3_mlx.py: the same architectures, parameter names, hyperparameters, schedule,
-time-budget rule and summary, scored by the same harness (prepare.evaluate_bpb). On CUDA: bf16 autocast,
-torch.compile, and mamba_ssm's fused scans when they import and pass a start-up check; on CPU float32.
-
-Run: `uv run --extra torch train_mamba.py`. Top to bottom: hyperparameters, the scans and blocks as the math reads
-(the math: train_mamba_3_mlx.py's Mamba section; tests/test_train_mamba_torch.py holds every scan to its one-token
-recurrence), the language model, optimizer, loop and summary, last the speed machinery.
+The PyTorch twin of train_mamba_3_mlx.py, which explains the math. Run: `uv run --extra torch train_mamba.py`.
 """
 
 import contextlib
@@ -16,15 +10,15 @@ import math
 import os
 import platform
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
-t_script_start = time.time()  # total_seconds counts from here (imports included)
+t_script_start = time.time()  # total_seconds counts from here
 
-if __name__ == "__main__":  # a run (not an import by tests or benchmarks): the harness asks torch for the device
+if __name__ == "__main__":  # a run: the harness asks torch for the device
     os.environ.setdefault("AUTORESEARCH_BACKEND", "torch")
-import prepare  # first: the harness (constants, presets, data, evaluation)
+import prepare  # first: the harness
 
 import torch
 import torch.nn as nn
@@ -32,7 +26,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: the values this run trains with (setup writes the preset's sizes here; program.md)
 
 # Model
@@ -44,7 +37,7 @@ HEADDIM = 64  # value-side width p per head; heads = EXPAND * D_MODEL / HEADDIM
 EXPAND = 2  # inner width d_inner = EXPAND * D_MODEL
 NGROUPS = 1  # B/C groups; heads share B and C within a group
 D_CONV = 4  # Mamba-2 only: kernel width of the depthwise causal conv over x, B, C
-CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2 takes 256
+CHUNK_SIZE = 64  # keys per scan chunk (MIMO: tokens x MIMO_RANK), speed only; upstream's Mamba-2: 256
 DT_MIN = 0.001  # dt_bias is initialised so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX]
 DT_MAX = 0.1
 DT_INIT_FLOOR = 1e-4  # ... and at least this
@@ -59,8 +52,7 @@ MLP_EXPAND = 0  # hidden width factor of a gated (SwiGLU) MLP after each mixer; 
 DEVICE_BATCH_SIZE = 8  # rows per forward/backward pass
 TOTAL_BATCH_SIZE = 8 * 2048  # tokens per optimizer step; a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN (grad accum)
 OPTIMIZER = "muon"  # the projection matrices' optimizer: "muon" or "adamw" (the rest is always AdamW)
-MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP). Measured on the cpu preset (README); other sizes keep it,
-# since Muon's update is scaled to AdamW's RMS (its rate carries across widths to first order; no GPU has checked it)
+MATRIX_LR = 0.006  # projections (in_proj, out_proj, MLP); measured on the cpu preset, Muon's RMS scaling carries it
 EMBEDDING_LR = 0.004  # the tied embedding / unembedding matrix
 SCALAR_LR = 0.004  # A_log, dt_bias, D, norm weights, biases, conv taps (no weight decay)
 MUON_MOMENTUM = 0.95
@@ -70,544 +62,17 @@ ADAM_BETA2 = 0.95
 ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.1  # decoupled, matrices and embedding only
 GRAD_CLIP = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rate up from 0 (0 = start at the peak)
-WARMDOWN_RATIO = 0.5  # fraction of the time budget at the end spent decaying it linearly ...
+WARMUP_RATIO = 0.0  # share of the time budget ramping the learning rate up from 0
+WARMDOWN_RATIO = 0.5  # share of the budget at the end decaying it linearly ...
 FINAL_LR_FRAC = 0.05  # ... down to this fraction of the peak
 COMPUTE_DTYPE = "auto"  # activations/matmuls: "float32", "bfloat16" or "auto" (bf16 autocast on CUDA, fp32 on CPU)
-CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass: live tensors of a float32 step on one
-# 2048-token row SISO 2.7 -> 0.8 GB, MIMO 8.0 -> 1.6 GB (bench/bench_mamba_torch.py --only memory), one more forward
+CHECKPOINT_BLOCKS = True  # recompute each block in the backward pass: less memory, one more forward
 SEED = 42
-EXPORT_UPSTREAM_DIR = ""  # a folder: after the run, the final weights and config in mamba_ssm's layout ("" = off)
+EXPORT_UPSTREAM_DIR = ""  # a folder: the final weights and config in mamba_ssm's layout (after the summary; "" = off)
 
 # PyTorch runtime
-COMPILE = True  # torch.compile the model on CUDA (on CPU the inductor C++ build costs more than it saves at test sizes)
-FUSED_KERNELS = True  # on CUDA, use mamba_ssm's fused scans when they import and pass the start-up check
-
-
-# =====================================================================================================================
-# Scans, chunked: within a chunk of Q tokens a masked, decayed "attention" (batched matmuls); each chunk's end state;
-# a (chunks x chunks) matmul passing states between chunks; each chunk's read of the state it received. O(l * Q), any
-# length (the zero-padded tail leaves every state unchanged). Decays, cumulative sums and the passed states are
-# float32 (float64 for float64 inputs; TF32 stays off), the big matmuls in the autocast dtype (bf16 on CUDA).
-# =====================================================================================================================
-
-
-def accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def segsum(a):
-    """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal, so that
-    exp(segsum(a)) is the causal decay matrix. A cumulative sum of a masked copy: every entry sums only its own terms
-    (no difference of two long cumulative sums, which loses float32 precision)."""
-    T = a.shape[-1]
-    rows = a[..., :, None].expand(*a.shape, T)  # rows[i, j] = a[i]
-    strictly_below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    sums = rows.masked_fill(~strictly_below, 0.0).cumsum(dim=-2)  # sums[i, j] = sum of a[k] for j < k <= i
-    on_or_below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return sums.masked_fill(~on_or_below, float("-inf"))
-
-
-def decayed_chunk_scan(q, k, v, log_decay, chunk_size, weight=None, initial_state=None, own_weight=None):
-    """The linear recurrence under every block, per head, with a rank axis for MIMO (r = 1 otherwise):
-
-        S_t = exp(log_decay_t) S_{t-1} + weight_t sum_j v_{t,j} k_{t,j}^T        (S is p x n, S_{-1} = initial)
-        y_{t,i} = S_t q_{t,i}  -  (weight_t - own_weight_t) sum_j (q_{t,i} . k_{t,j}) v_{t,j}
-
-    that is, a token's input reaches its own output with own_weight instead of weight (Mamba-3's shifted state needs
-    this; own_weight None = weight). q, k (b, l, r, g, n): the h/g heads of a group share them; v (b, l, r, h, p);
-    log_decay, weight, own_weight (b, l, h) (weight None = 1); initial_state (b, h, p, n) or None. Returns
-    y (b, l, r, h, p) and the final state (b, h, p, n) float32.
-    """
-    b, l, r, g, n = q.shape
-    h, p = v.shape[-2:]
-    e = h // g  # heads per group
-    Q = chunk_size
-    acc = accumulation_dtype(v.dtype)
-    if weight is None:
-        weight = torch.ones_like(log_decay, dtype=acc)
-    if own_weight is None:
-        own_weight = weight
-    pad = -l % Q
-    if pad:  # zero tokens at the end: decay exp(0) = 1 and no input, so the state passes through unchanged
-        q, k, v = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (q, k, v))
-        log_decay, weight, own_weight = (F.pad(t, (0, 0, 0, pad)) for t in (log_decay, weight, own_weight))
-    c = (l + pad) // Q
-    # Layout: (batch, group, chunk) in front so that every contraction is a batched matmul. Ranks ride along with time
-    # inside a chunk (Q*r rows); the heads of a group ride along with p (e*p columns) where the matmul is shared.
-    q = q.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
-    k = k.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n)
-    v = v.reshape(b, c, Q, r, g, e, p).permute(0, 4, 1, 2, 3, 5, 6)  # (b, g, c, Q, r, e, p)
-    a = log_decay.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # (b, g, e, c, Q)
-    a_cum = a.cumsum(dim=-1)  # log decay from the chunk start to each token
-    # The input weights ride on the small (Q x Q) decay matrices and the end-of-chunk decays, never on a copy of v
-    w, w_own = (t.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2) for t in (weight, own_weight))  # (b,g,e,c,Q)
-
-    # 1. Within each chunk: y[t, i] += sum_{s <= t} exp(a[s+1] + ... + a[t]) w[s] (q[t, i] . k[s, j]) v[s, j], with
-    #    w_own[t] in place of w[s] on the diagonal s = t
-    scores = q @ k.transpose(-1, -2)  # (b, g, c, Qr, Qr): once per group
-    diagonal = torch.eye(Q, dtype=torch.bool, device=q.device)
-    decay = torch.where(diagonal, w_own[..., :, None], torch.exp(segsum(a)) * w[..., None, :])  # (b,g,e,c,Q,Q)
-    mixing = scores.view(b, g, 1, c, Q, r, Q, r) * decay.view(b, g, e, c, Q, 1, Q, 1)
-    mixing = mixing.reshape(b, g, e, c, Q * r, Q * r).to(v.dtype)
-    v_rows = v.permute(0, 1, 5, 2, 3, 4, 6).reshape(b, g, e, c, Q * r, p)
-    y_within = (mixing @ v_rows).view(b, g, e, c, Q, r, p).permute(0, 1, 3, 4, 5, 2, 6)  # (b, g, c, Q, r, e, p)
-
-    # 2. Each chunk's own end state: sum_s exp(a[s+1] + ... + a[end]) v[s, j] k[s, j]^T
-    decay_to_end = (torch.exp(a_cum[..., -1:] - a_cum) * w).permute(0, 1, 3, 4, 2)  # (b, g, c, Q, e)
-    v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
-    chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
-
-    # 3. Pass states across chunks in float32, whatever the autocast (TF32 off, see above): entering[z] =
-    #    sum_{z' <= z} decay * own[z']
-    with torch.autocast(q.device.type, enabled=False):
-        chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
-        if initial_state is None:
-            first = chunk_states.new_zeros(b, g, e, 1, p, n)
-        else:
-            first = initial_state.to(acc).reshape(b, g, e, 1, p, n)
-        states = torch.cat([first, chunk_states], dim=3)  # index 0: the initial state; z: chunk z-1's own state
-        chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, e, c+1, c+1)
-        states = (chunk_decay @ states.reshape(b, g, e, c + 1, p * n)).view(b, g, e, c + 1, p, n)
-    entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
-
-    # 4. Each chunk reads the state it received: y[t, i] += exp(a[start] + ... + a[t]) entering q[t, i]
-    entering = entering.permute(0, 1, 3, 5, 2, 4).reshape(b, g, c, n, e * p).to(q.dtype)
-    y_carried = (q @ entering).view(b, g, c, Q, r, e, p)
-    y_carried = y_carried * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[:, :, :, :, None, :, None]
-
-    y = (y_within + y_carried).permute(0, 2, 3, 4, 1, 5, 6).reshape(b, c * Q, r, h, p)[:, :l]
-    return y, final_state.reshape(b, h, p, n)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Mamba-2 (SSD), in the conventions of upstream's ssd_minimal_discrete and train_mamba_3_mlx.py: X = x * dt (b l h p),
-# A = A * dt (b l h) (<= 0), B and C (b l g n). Per head: S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t.
-
-
-def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
-    """Chunked SSD. Returns (Y (b l h p) in X's dtype, final state (b h p n) float32)."""
-    Y, final_state = decayed_chunk_scan(C[:, :, None], B[:, :, None], X[:, :, None], A, chunk_size,
-                                        initial_state=initial_states)
-    return Y[:, :, 0].to(X.dtype), final_state
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Mamba-3, in the conventions of train_mamba_3_mlx.py (and of upstream's kernels):
-#   theta_t = (theta_{t-1} + pi tanh(Angles_t) DT_t) mod 2 pi per head and angle; q, k (after their per-head bias) turn
-#   by +theta_t on the first 2a dims, pairing adjacent dims: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos);
-#   S_t = alpha_t S_{t-1} + beta_t sum_i v_{t-1,i} k~_{t-1,i}^T + gamma_t sum_i v_{t,i} k~_{t,i}^T,
-#   alpha_t = exp(ADT_t), beta_t = (1 - lam_t) DT_t alpha_t, gamma_t = lam_t DT_t, lam_t = sigmoid(Trap_t);
-#   o_{t,i} = S_t q~_{t,i} + D v_{t,i}, v_{t,i} = x_t * MIMO_V[h, i] (SISO: r = 1, v = x), gated by
-#   silu(z_t * MIMO_Z[h, i]) and summed with MIMO_O[h, i] (SISO: y_t = o_t * silu(z_t)).
-# The state of a sequence is (theta (b h a), S (b h p n), last rotated k (b h n) or (b r h n), last x (b h p)).
-#
-# Chunked form (derived from the step form, proven against it by the tests). With sigma_t = (1 - lam_t) DT_t (so
-# beta_t = alpha_t sigma_t), the shifted state S'_t = S_t + sigma_{t+1} sum_i v_{t,i} k~_{t,i}^T obeys the plain
-# decayed recurrence S'_t = alpha_t S'_{t-1} + w_t sum_i v_{t,i} k~_{t,i}^T with weight w_t = gamma_t + sigma_{t+1},
-# and S_t q = S'_t q - sigma_{t+1} sum_j (q . k~_{t,j}) v_{t,j}. So the scan is decayed_chunk_scan with weight w and
-# own weight w_t - sigma_{t+1} = gamma_t, plus D v. A carried (k~, x) enters as
-# S'_{-1} = S_{-1} + sigma_0 sum_i v_{-1,i} k~_{-1,i}^T; after the last token sigma = 0 (the next token is unknown),
-# so the final S' is the true final state.
-
-
-def rotate_pairs(x, theta):
-    """Turn adjacent dim pairs (2j, 2j+1) of x (..., n) by theta (..., a) for j < a; other dims pass through (SISO:
-    upstream's Triton kernels)."""
-    a = theta.shape[-1]
-    x0, x1 = x[..., : 2 * a].unflatten(-1, (a, 2)).unbind(-1)
-    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
-    turned = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    return torch.cat([turned, x[..., 2 * a :]], dim=-1)
-
-
-def rotate_halves(x, theta):
-    """Turn the dim pairs (j, n/2 + j) of x (..., n) by theta (..., a) for j < a; other dims pass through (MIMO:
-    upstream's TileLang kernel and its decode step pair the halves)."""
-    a, half = theta.shape[-1], x.shape[-1] // 2
-    x0, x1 = x[..., :a], x[..., half : half + a]
-    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
-    return torch.cat([x0 * cos - x1 * sin, x[..., a:half], x0 * sin + x1 * cos, x[..., half + a :]], dim=-1)
-
-
-def cumulative_angles(increments, initial_angle, chunk_size):
-    """theta_t = (theta_{-1} + sum_{u <= t} increments_u) mod 2 pi along dim 1 of (b, l, h, a): summed within chunks
-    (float32), then over the chunk totals wrapped mod 2 pi (float64), so that no float32 sum grows with the length."""
-    b, l = increments.shape[:2]
-    pad = -l % chunk_size
-    chunks = F.pad(increments, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk_size))  # (b, c, Q, h, a)
-    within = chunks.cumsum(dim=2)
-    totals = torch.remainder(chunks.double().sum(dim=2), 2 * math.pi)  # float64: only a few numbers per chunk
-    offsets = F.pad(totals.cumsum(dim=1)[:, :-1], (0, 0, 0, 0, 1, 0))  # what the chunks before each one add
-    if initial_angle is not None:
-        offsets = offsets + initial_angle[:, None]
-    offsets = torch.remainder(offsets, 2 * math.pi).to(within.dtype)
-    theta = torch.remainder(within + offsets[:, :, None], 2 * math.pi)
-    return theta.flatten(1, 2)[:, :l]
-
-
-def _mamba3_heads(X, bias):
-    """Q or K (b, l, r, g, n) plus the per-head bias (h, r, n) -> (b, l, r, h, n); head = group * (h/g) + j."""
-    h = bias.shape[0]
-    return X.repeat_interleave(h // X.shape[-2], dim=-2) + bias.transpose(0, 1).to(X.dtype)
-
-
-class Mamba3Inputs(NamedTuple):
-    """A Mamba-3 scan's (or one token's) inputs, as mamba3_siso_scan (mamba3_siso_step) describes them."""
-    Q: torch.Tensor
-    K: torch.Tensor
-    V: torch.Tensor
-    ADT: torch.Tensor
-    DT: torch.Tensor
-    Trap: torch.Tensor
-    Q_bias: torch.Tensor
-    K_bias: torch.Tensor
-    Angles: torch.Tensor
-    D: torch.Tensor | None = None
-    Z: torch.Tensor | None = None
-
-
-class MimoWeights(NamedTuple):
-    """MIMO's per-rank weights (h r p): x up to the rank values, z up to the rank gates (None without Z), the outputs
-    down (None keeps the ranks apart)."""
-    up_x: torch.Tensor
-    up_z: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-
-
-def _mamba3_scan(inputs, mimo, initial_states, chunk_size):
-    """Shared body of the SISO (mimo None) and MIMO (mimo a MimoWeights) chunked scans, with the rank axis always
-    present inside: Q, K (b l r g n), Q_bias, K_bias (h r n), k state (b r h n)."""
-    s = inputs
-    b, l, h, p = s.V.shape
-    acc = accumulation_dtype(s.V.dtype)
-    DT, ADT = s.DT.to(acc).transpose(1, 2), s.ADT.to(acc).transpose(1, 2)  # (b l h) from here on
-    lam = torch.sigmoid(s.Trap.to(acc)).transpose(1, 2)
-    gamma = lam * DT  # weight of a token's own input
-    sigma = DT - gamma  # (1 - lam) DT: beta without its alpha, the previous token's weight in the next step
-    sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # sigma_{t+1}; 0 after the last token
-
-    angle0 = None if initial_states is None else initial_states[0].to(acc)
-    theta = cumulative_angles(math.pi * torch.tanh(s.Angles.to(acc)) * DT[..., None], angle0, chunk_size)  # (b l h a)
-    rotate = rotate_pairs if mimo is None else rotate_halves  # upstream's pairings
-    q = rotate(_mamba3_heads(s.Q, s.Q_bias), theta[:, :, None])  # (b, l, r, h, n)
-    k = rotate(_mamba3_heads(s.K, s.K_bias), theta[:, :, None])
-    def up(x):  # x (..., h, p) -> per-rank values (..., r, h, p)
-        return x.unsqueeze(-3) if mimo is None else x.unsqueeze(-3) * mimo.up_x.transpose(0, 1).to(x.dtype)
-
-    v = up(s.V)  # (b, l, r, h, p)
-
-    start_state = None
-    if initial_states is not None:
-        _, S_prev, k_prev, x_prev = initial_states
-        carried = torch.einsum("brhp,brhn->bhpn", up(x_prev).to(acc), k_prev.to(acc))
-        start_state = S_prev.to(acc) + sigma[:, 0, :, None, None] * carried
-
-    # The shifted term must not reach its own token: its weight there is gamma_t (inside the chunk's decay matrix)
-    o, final_S = decayed_chunk_scan(q, k, v, ADT, chunk_size, weight=gamma + sigma_next, initial_state=start_state,
-                                    own_weight=gamma)
-    if s.D is not None:
-        o = o + s.D.to(o.dtype)[:, None] * v
-    if mimo is None:
-        o = o[:, :, 0]
-        if s.Z is not None:
-            o = o * F.silu(s.Z.to(o.dtype))
-    else:
-        if s.Z is not None:
-            o = o * F.silu(s.Z.unsqueeze(2).to(o.dtype) * mimo.up_z.transpose(0, 1).to(o.dtype))
-        if mimo.down is not None:
-            o = (o * mimo.down.transpose(0, 1).to(o.dtype)).sum(dim=2)
-    final_states = (theta[:, -1], final_S, k[:, -1], s.V[:, -1].to(acc))
-    return o.to(s.V.dtype), final_states
-
-
-def mamba3_siso_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, initial_states=None,
-                     chunk_size=64):
-    """Mamba-3 SISO scan, chunked (any l >= 1). Q, K (b l g n) after their RMSNorm, before bias and rotation;
-    V, Z (b l h p); ADT (= A*dt), DT, Trap (before sigmoid) (b h l); Q_bias, K_bias (h n); Angles (b l h a) or (b l 1 a)
-    before tanh; D (h); initial_states (angle (b h a), S (b h p n), k (b h n), x (b h p)) or None.
-    Returns (out (b l h p) in V's dtype, final states like initial_states, float32)."""
-    if initial_states is not None:
-        angle, S, k_last, x_last = initial_states
-        initial_states = (angle, S, k_last[:, None], x_last)
-    inputs = Mamba3Inputs(Q[:, :, None], K[:, :, None], V, ADT, DT, Trap, Q_bias[:, None], K_bias[:, None], Angles,
-                          D, Z)
-    out, (angle, S, k_last, x_last) = _mamba3_scan(inputs, None, initial_states, chunk_size)
-    return out, (angle, S, k_last[:, 0], x_last)
-
-
-def mamba3_mimo_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
-                     Z=None, initial_states=None, chunk_size=16):
-    """Mamba-3 MIMO scan of rank r: as mamba3_siso_scan, except Q, K (b l r g n), Q_bias, K_bias (h r n), MIMO_V,
-    MIMO_Z, MIMO_O (h r p) (MIMO_Z needed when Z is given), and the carried k is (b r h n). Returns out (b l h p), or
-    the per-rank outputs (b l r h p) when MIMO_O is None."""
-    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
-    return _mamba3_scan(inputs, MimoWeights(MIMO_V, MIMO_Z, MIMO_O), initial_states, chunk_size)
-
-
-# =====================================================================================================================
-# Model (parameter names and shapes as in train_mamba_3_mlx.py, so weights convert by name)
-# =====================================================================================================================
-
-
-def inverse_softplus(y):
-    return y + torch.log(-torch.expm1(-y))  # softplus(inverse_softplus(y)) = y for y > 0
-
-
-def init_dt_bias(nheads, dt_min, dt_max, dt_init_floor):
-    """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor (upstream)."""
-    log_dt = torch.empty(nheads).uniform_(math.log(dt_min), math.log(dt_max))
-    return inverse_softplus(torch.clamp(torch.exp(log_dt), min=dt_init_floor))
-
-
-def rms_norm(x, weight=None, eps=1e-5):
-    """RMSNorm over the last dim, computed in float32, returned in x's dtype."""
-    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
-
-
-def linear(in_features, out_features):
-    """A bias-free projection with MLX's default init, uniform(+-1/sqrt(in_features)) (torch's default too)."""
-    return nn.Linear(in_features, out_features, bias=False)
-
-
-class CausalConv1d(nn.Module):
-    """Depthwise causal conv with bias: out_t = bias + sum_k weight[k] x_{t-K+1+k}, weight (K, channels) as in the MLX
-    script; K shifted multiply-adds (torch.compile fuses them; cuDNN is slow here). Init uniform(+-1/sqrt(K))."""
-
-    def __init__(self, channels, kernel_size):
-        super().__init__()
-        bound = 1.0 / math.sqrt(kernel_size)
-        self.weight = nn.Parameter(torch.empty(kernel_size, channels).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
-
-    def forward(self, x):  # x (b, l, c)
-        K, l = self.weight.shape[0], x.shape[1]
-        w = self.weight.to(x.dtype)
-        x = F.pad(x, (0, 0, K - 1, 0))
-        out = self.bias.to(x.dtype) + w[K - 1] * x[:, K - 1 :]
-        for k in range(K - 1):
-            out = out + w[k] * x[:, k : k + l]
-        return out
-
-    def step(self, x, conv_state):  # x (b, c), conv_state (b, K-1, c): the previous K-1 inputs
-        window = torch.cat([conv_state, x[:, None]], dim=1)  # (b, K, c)
-        out = self.bias + (window * self.weight).sum(dim=1)
-        return out.to(x.dtype), window[:, 1:]
-
-
-class Mamba2(nn.Module):
-    """in_proj -> [z | xBC | dt], causal depthwise conv + SiLU on xBC, SSD scan with skip D, grouped RMSNorm of
-    y * silu(z) (gate first, then norm), out_proj."""
-
-    def __init__(self, d_model, d_state, headdim, expand, ngroups, d_conv, chunk_size, dt_min, dt_max, dt_init_floor):
-        super().__init__()
-        self.d_inner = expand * d_model
-        assert self.d_inner % headdim == 0, "expand * d_model must be a multiple of headdim"
-        self.nheads = self.d_inner // headdim
-        assert self.nheads % ngroups == 0, "heads must split evenly into groups"
-        self.headdim, self.d_state, self.ngroups, self.chunk_size = headdim, d_state, ngroups, chunk_size
-        self.conv_dim = self.d_inner + 2 * ngroups * d_state  # x, B, C go through the conv together
-        self.in_proj = linear(d_model, self.d_inner + self.conv_dim + self.nheads)  # z | xBC | dt
-        self.conv = CausalConv1d(self.conv_dim, d_conv)
-        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1.0, 16.0)))  # A = -exp(A_log)
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = linear(self.d_inner, d_model)
-
-    def _split(self, zxbcdt):
-        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-
-    def _scan_inputs(self, xBC, dt):
-        gn = self.ngroups * self.d_state
-        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
-        x = x.unflatten(-1, (self.nheads, self.headdim))
-        B, C = B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state))
-        dt = F.softplus(dt.float() + self.dt_bias)
-        return x, dt, -torch.exp(self.A_log.float()), B, C
-
-    def _output(self, y, z):
-        """Grouped gated RMSNorm (norm after gate, one group per B/C group, as upstream), then out_proj."""
-        y = (y * F.silu(z)).unflatten(-1, (self.ngroups, -1))
-        y = rms_norm(y).flatten(-2) * self.norm_weight.to(y.dtype)
-        return self.out_proj(y)
-
-    def forward(self, u, initial_states=None, return_state=False):  # u (b, l, d_model) -> (b, l, d_model)
-        z, xBC_in, dt = self._split(self.in_proj(u))
-        K = self.conv.weight.shape[0]
-        if initial_states is None:
-            conv_in, conv_out = xBC_in, self.conv(xBC_in)
-        else:  # continue after a carried conv window: run the conv over [window, inputs], keep the new positions
-            conv_in = torch.cat([initial_states[0].to(xBC_in.dtype), xBC_in], dim=1)
-            conv_out = self.conv(conv_in)[:, K - 1 :]
-        x, dt, A, B, C = self._scan_inputs(F.silu(conv_out), dt)
-        if "mamba-2" in FUSED and initial_states is None and not return_state:  # a fused kernel (speed section)
-            y = FUSED["mamba-2"](x, dt, A, B, C, self.chunk_size, self.D)
-        else:
-            y, ssm_state = ssd_scan(x * dt[..., None].to(x.dtype), A * dt, B, C, self.chunk_size,
-                                    None if initial_states is None else initial_states[1])
-            y = y + x * self.D[:, None].to(x.dtype)
-        out = self._output(y.flatten(-2), z)
-        if not return_state:
-            return out
-        conv_state = F.pad(conv_in, (0, 0, K - 1, 0))[:, conv_in.shape[1] :]  # the last K-1 inputs
-        conv_state = conv_state.to(accumulation_dtype(conv_in.dtype))
-        return out, (conv_state, ssm_state)
-
-    def init_state(self, batch_size, device=None):
-        K = self.conv.weight.shape[0]
-        return (torch.zeros(batch_size, K - 1, self.conv_dim, device=device),
-                torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device))
-
-    def step(self, u, state):  # u (b, d_model) -> (y (b, d_model), state): one token of recurrent decode
-        conv_state, ssm_state = state
-        z, xBC, dt = self._split(self.in_proj(u))
-        xBC, conv_state = self.conv.step(xBC, conv_state)
-        x, dt, A, B, C = self._scan_inputs(F.silu(xBC), dt)
-        y, ssm_state = ssd_step(x * dt[..., None].to(x.dtype), A * dt, B, C, ssm_state)  # speed section
-        y = y + x * self.D[:, None].to(x.dtype)
-        return self._output(y.flatten(-2), z), (conv_state, ssm_state)
-
-    def scan_flops_per_token(self):
-        """Forward FLOPs per token of the scan's matmuls (MFU), as in the MLX script: per group scores 2Qn; per head
-        the masked product 2Qp, the chunk state 2pn, reading the carried state 2pn."""
-        Q, n, p = self.chunk_size, self.d_state, self.headdim
-        return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
-
-
-def heavy_tail(u):
-    """f(u) = 1 + u for u >= 0, 1 / (1 - u) for u < 0, as (1 + relu(u)) / (1 + relu(-u)): one expression, so neither
-    branch can put an inf into the other's gradient."""
-    return (1 + F.relu(u)) / (1 + F.relu(-u))
-
-
-class Mamba3(nn.Module):
-    """in_proj -> [z, x, B, C, dd_dt, dd_A, trap, angles]; RMSNorm of B and C over n plus per-head (and per-rank)
-    biases; dt = softplus(dd_dt + dt_bias); A = min(-f(dd_A), -a_floor); the rotated exponential-trapezoidal scan with
-    skip D; y * silu(z) (or a per-head RMSNorm before the gate with is_outproj_norm); out_proj. MIMO (rank r) projects
-    x and z up per rank with mimo_x, mimo_z and the per-rank outputs down with mimo_o. No conv."""
-
-    def __init__(self, d_model, d_state=128, headdim=64, expand=2, ngroups=1, rope_fraction=0.5, a_floor=1e-4,
-                 is_mimo=False, mimo_rank=4, is_outproj_norm=False, chunk_size=None, dt_min=0.001, dt_max=0.1,
-                 dt_init_floor=1e-4):
-        super().__init__()
-        self.d_inner = int(expand * d_model)
-        assert self.d_inner % headdim == 0, "expand * d_model must be a multiple of headdim"
-        self.nheads = self.d_inner // headdim
-        assert self.nheads % ngroups == 0, "heads must split evenly into groups"
-        self.headdim, self.d_state, self.ngroups = headdim, d_state, ngroups
-        self.is_mimo, self.is_outproj_norm, self.a_floor = is_mimo, is_outproj_norm, a_floor
-        self.mimo_rank = mimo_rank if is_mimo else 1
-        self.chunk_size = chunk_size if chunk_size is not None else max(1, 64 // self.mimo_rank)
-        rotary_dims = int(d_state * rope_fraction)
-        rotary_dims -= rotary_dims % 2
-        self.num_rope_angles = rotary_dims // 2
-        assert self.num_rope_angles > 0, "rope_fraction * d_state must give at least one rotary pair"
-        r, h, n = self.mimo_rank, self.nheads, d_state
-        bc_dim = r * ngroups * n
-        self.split_sizes = [self.d_inner, self.d_inner, bc_dim, bc_dim, h, h, h, self.num_rope_angles]
-        self.in_proj = linear(d_model, sum(self.split_sizes))  # z | x | B | C | dd_dt | dd_A | trap | angles
-        self.dt_bias = nn.Parameter(init_dt_bias(h, dt_min, dt_max, dt_init_floor))
-        self.B_bias = nn.Parameter(torch.ones(h, r, n))  # per-head, per-rank biases after the B/C norms (init 1)
-        self.C_bias = nn.Parameter(torch.ones(h, r, n))
-        self.B_norm_weight = nn.Parameter(torch.ones(n))
-        self.C_norm_weight = nn.Parameter(torch.ones(n))
-        if is_mimo:
-            self.mimo_x = nn.Parameter(torch.ones(h, r, headdim) / r)
-            self.mimo_z = nn.Parameter(torch.ones(h, r, headdim))
-            self.mimo_o = nn.Parameter(torch.ones(h, r, headdim) / r)
-        self.D = nn.Parameter(torch.ones(h))
-        if is_outproj_norm:
-            self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = linear(self.d_inner, d_model)
-
-    def _project(self, u):
-        """u (b, l, d_model) -> the scan's inputs (all but the parameters) and the gate z (b, l, h, p)."""
-        b, l, _ = u.shape
-        r, g, h, n, p = self.mimo_rank, self.ngroups, self.nheads, self.d_state, self.headdim
-        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(self.in_proj(u), self.split_sizes, dim=-1)
-        B = rms_norm(B.reshape(b, l, r, g, n), self.B_norm_weight)
-        C = rms_norm(C.reshape(b, l, r, g, n), self.C_norm_weight)
-        if not self.is_mimo:
-            B, C = B[:, :, 0], C[:, :, 0]
-        A = torch.clamp(-heavy_tail(dd_A.float()), max=-self.a_floor)
-        DT = F.softplus(dd_dt.float() + self.dt_bias)
-        inputs = dict(Q=C, K=B, V=x.reshape(b, l, h, p), ADT=(A * DT).transpose(1, 2), DT=DT.transpose(1, 2),
-                      Trap=trap.float().transpose(1, 2), Angles=angles.float()[:, :, None])
-        return inputs, z.reshape(b, l, h, p)
-
-    def _mimo_weights(self, gate_in_scan):
-        return dict(MIMO_V=self.mimo_x, MIMO_Z=self.mimo_z, MIMO_O=self.mimo_o if gate_in_scan else None)
-
-    def _gate_and_norm(self, y, z):
-        """With is_outproj_norm: a per-head RMSNorm with its own gate (per rank for MIMO, then mimo_o down)."""
-        weight = self.norm_weight.reshape(self.nheads, self.headdim)
-        if self.is_mimo:
-            z_ranks = z.unsqueeze(-3) * self.mimo_z.transpose(0, 1).to(z.dtype)  # (..., r, h, p)
-            y = rms_norm(y.float()) * weight * F.silu(z_ranks.float())
-            return (y * self.mimo_o.transpose(0, 1)).sum(dim=-3)
-        return rms_norm(y.float()) * weight * F.silu(z.float())
-
-    def _scan(self, inputs, z, initial_states):
-        """The scan plus the output gate/norm: -> (y (b, l, d_inner), final states)."""
-        b, l = z.shape[:2]
-        gate_in_scan = not self.is_outproj_norm
-        kwargs = dict(D=self.D, Z=z if gate_in_scan else None)
-        if self.is_mimo:
-            kwargs.update(self._mimo_weights(gate_in_scan), Q_bias=self.C_bias, K_bias=self.B_bias)
-            pure = mamba3_mimo_scan
-        else:
-            kwargs.update(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
-            pure = mamba3_siso_scan
-        if "mamba-3" in FUSED and initial_states is None:  # a fused kernel (speed section)
-            y, states = FUSED["mamba-3"](**inputs, **kwargs, chunk_size=self.chunk_size), None
-        else:
-            y, states = pure(**inputs, **kwargs, initial_states=initial_states, chunk_size=self.chunk_size)
-        if self.is_outproj_norm:
-            y = self._gate_and_norm(y, z)
-        return y.reshape(b, l, self.d_inner).to(z.dtype), states
-
-    def forward(self, u, initial_states=None, return_state=False):  # u (b, l, d_model) -> (b, l, d_model)
-        inputs, z = self._project(u)
-        y, states = self._scan(inputs, z, initial_states)
-        return (self.out_proj(y), states) if return_state else self.out_proj(y)
-
-    def init_state(self, batch_size, device=None):
-        """(angle (b h a), S (b h p n), last rotated k (b h n) or (b r h n) for MIMO, last x (b h p)), float32."""
-        h, n, p = self.nheads, self.d_state, self.headdim
-        k_shape = (batch_size, h, n) if not self.is_mimo else (batch_size, self.mimo_rank, h, n)
-        return (torch.zeros(batch_size, h, self.num_rope_angles, device=device),
-                torch.zeros(batch_size, h, p, n, device=device), torch.zeros(k_shape, device=device),
-                torch.zeros(batch_size, h, p, device=device))
-
-    def step(self, u, state):  # u (b, d_model) -> (y (b, d_model), state): one token of recurrent decode
-        inputs, z = self._project(u[:, None])
-        token = {name: value[:, :, 0] if name in ("ADT", "DT", "Trap") else value[:, 0]
-                 for name, value in inputs.items()}
-        z = z[:, 0]
-        gate_in_step = not self.is_outproj_norm
-        kwargs = dict(D=self.D, Z=z if gate_in_step else None, state=state)
-        if self.is_mimo:
-            kwargs.update(self._mimo_weights(gate_in_step), Q_bias=self.C_bias, K_bias=self.B_bias)
-            step = mamba3_mimo_step  # speed section
-        else:
-            kwargs.update(Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
-            step = mamba3_siso_step  # speed section
-        y, state = step(**token, **kwargs)
-        if self.is_outproj_norm:
-            y = self._gate_and_norm(y, z)
-        return self.out_proj(y.reshape(u.shape[0], self.d_inner).to(u.dtype)), state
-
-    def scan_flops_per_token(self):
-        """Forward FLOPs per token of the scan's matmuls (MFU), as in the MLX script, per head: scores 2crrn, the
-        masked product 2crrp, the chunk state 2rpn, reading the carried state 2rpn."""
-        c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
-        return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The language model: a tied token embedding, DEPTH pre-norm residual blocks x = x + mixer(norm(x)) (with MLP_EXPAND > 0
-# also x = x + mlp(norm(x))), a final RMSNorm, logits against the embedding matrix.
+COMPILE = True  # torch.compile on CUDA (on the CPU its C++ build costs more than it saves)
+FUSED_KERNELS = True  # on CUDA, mamba_ssm's fused scans where they match the pure ones
 
 
 @dataclass
@@ -634,146 +99,393 @@ class ModelConfig:
     checkpoint_blocks: bool = CHECKPOINT_BLOCKS
 
     @property
-    def tokens_per_chunk(self):
-        return max(1, self.chunk_size // self.mimo_rank) if self.architecture == "mamba-3" and self.is_mimo else \
-            self.chunk_size
-
-    @property
-    def nheads(self):
-        return self.expand * self.d_model // self.headdim
-
-    @property
-    def num_rope_angles(self):
-        return int(self.d_state * self.rope_fraction) // 2  # pairs of the rotated (even) share of the state dims
+    def tokens_per_chunk(self):  # a MIMO token brings MIMO_RANK keys
+        mimo = self.architecture == "mamba-3" and self.is_mimo
+        return max(1, self.chunk_size // self.mimo_rank) if mimo else self.chunk_size
 
 
-def make_mixer(c):
-    if c.architecture == "mamba-2":
-        return Mamba2(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.d_conv, c.chunk_size,
-                      c.dt_min, c.dt_max, c.dt_init_floor)
-    if c.architecture == "mamba-3":
-        return Mamba3(c.d_model, c.d_state, c.headdim, c.expand, c.ngroups, c.rope_fraction, c.a_floor, c.is_mimo,
-                      c.mimo_rank, c.is_outproj_norm, c.tokens_per_chunk, c.dt_min, c.dt_max, c.dt_init_floor)
-    raise ValueError(f"Unknown ARCHITECTURE {c.architecture!r}: use 'mamba-3' or 'mamba-2'.")
+# SECTION: Mamba (the chunked scan, Mamba-2 and Mamba-3 blocks)
+
+FUSED = {}  # architecture -> a fused scan that matches the pure one (speed section)
+
+
+def rms_norm(x, weight=None, eps=1e-5):  # in float32
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
+def init_dt_bias(nheads, c):
+    """softplus(dt_bias) log-uniform in [dt_min, dt_max], at least dt_init_floor (upstream)."""
+    dt = torch.exp(torch.empty(nheads).uniform_(math.log(c.dt_min), math.log(c.dt_max))).clamp(min=c.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
+
+
+def segsum(a):
+    """a (..., T) -> (..., T, T): a[j+1] + ... + a[i] for j <= i, else -inf; no difference of cumulative sums."""
+    T = a.shape[-1]
+    strictly_below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    sums = a[..., :, None].expand(*a.shape, T).masked_fill(~strictly_below, 0.0).cumsum(dim=-2)
+    return sums.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0), float("-inf"))
+
+
+def chunked_scan(q, k, v, log_alpha, chunk_size, weight=None, diag_weight=None, start_state=None):
+    """P_t = alpha_t P_{t-1} + w_t sum_j v_{t,j} k_{t,j}^T, y_{t,i} = P_t q_{t,i} (own input weighted diag_weight_t).
+    q, k (b l r g n), v (b l r h p), log_alpha, weights (b l h), start_state (b h p n) -> y, final state."""
+    b, l, r, g, n = q.shape
+    h, p = v.shape[-2:]
+    e, Q, acc = h // g, chunk_size, torch.promote_types(v.dtype, torch.float32)  # decays, states
+    weight = torch.ones_like(log_alpha, dtype=acc) if weight is None else weight
+    diag_weight = weight if diag_weight is None else diag_weight
+    pad = -l % Q
+    if pad:  # zero tokens: decay 1 and no input, so the state passes through
+        q, k, v = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (q, k, v))
+        log_alpha, weight, diag_weight = (F.pad(t, (0, 0, 0, pad)) for t in (log_alpha, weight, diag_weight))
+    c = (l + pad) // Q
+    # (batch, group, chunk) in front, ranks beside time: batched matmuls
+    q, k = (t.reshape(b, c, Q, r, g, n).permute(0, 4, 1, 2, 3, 5).reshape(b, g, c, Q * r, n) for t in (q, k))
+    v = v.reshape(b, c, Q, r, g, e, p).permute(0, 4, 1, 2, 3, 5, 6)  # (b, g, c, Q, r, e, p)
+    a = log_alpha.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2)  # (b, g, e, c, Q)
+    a_cum = a.cumsum(dim=-1)
+    w, w_diag = (t.to(acc).reshape(b, c, Q, g, e).permute(0, 3, 4, 1, 2) for t in (weight, diag_weight))
+
+    # 1. within each chunk: the decayed, weighted "attention" of q_t on k_s, s <= t
+    scores = q @ k.transpose(-1, -2)  # (b, g, c, Qr, Qr): once per group
+    diagonal = torch.eye(Q, dtype=torch.bool, device=q.device)
+    decay = torch.where(diagonal, w_diag[..., :, None], torch.exp(segsum(a)) * w[..., None, :])  # (b,g,e,c,Q,Q)
+    mixing = scores.view(b, g, 1, c, Q, r, Q, r) * decay.view(b, g, e, c, Q, 1, Q, 1)
+    mixing = mixing.reshape(b, g, e, c, Q * r, Q * r).to(v.dtype)
+    v_rows = v.permute(0, 1, 5, 2, 3, 4, 6).reshape(b, g, e, c, Q * r, p)
+    y_within = (mixing @ v_rows).view(b, g, e, c, Q, r, p).permute(0, 1, 3, 4, 5, 2, 6)  # (b, g, c, Q, r, e, p)
+
+    # 2. each chunk's own end state
+    decay_to_end = (torch.exp(a_cum[..., -1:] - a_cum) * w).permute(0, 1, 3, 4, 2)  # (b, g, c, Q, e)
+    v_to_end = (v * decay_to_end[:, :, :, :, None, :, None].to(v.dtype)).reshape(b, g, c, Q * r, e * p)
+    chunk_states = v_to_end.transpose(-1, -2) @ k  # (b, g, c, e*p, n)
+
+    # 3. pass the states across chunks, in float32 whatever the autocast
+    with torch.autocast(q.device.type, enabled=False):
+        chunk_states = chunk_states.to(acc).view(b, g, c, e, p, n).permute(0, 1, 3, 2, 4, 5)  # (b, g, e, c, p, n)
+        first = chunk_states.new_zeros(b, g, e, 1, p, n) if start_state is None else start_state.to(acc)
+        states = torch.cat([first.reshape(b, g, e, 1, p, n), chunk_states], dim=3)
+        chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, e, c+1, c+1)
+        states = (chunk_decay @ states.reshape(b, g, e, c + 1, p * n)).view(b, g, e, c + 1, p, n)
+    entering, final_state = states[:, :, :, :-1], states[:, :, :, -1]
+
+    # 4. each token reads the state its chunk received, decayed from the chunk start
+    entering = entering.permute(0, 1, 3, 5, 2, 4).reshape(b, g, c, n, e * p).to(q.dtype)
+    y_carried = (q @ entering).view(b, g, c, Q, r, e, p)
+    y_carried = y_carried * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[:, :, :, :, None, :, None]
+
+    y = (y_within + y_carried).permute(0, 2, 3, 4, 1, 5, 6).reshape(b, c * Q, r, h, p)[:, :l]
+    return y, final_state.reshape(b, h, p, n)
+
+
+def ssd_scan(X, A, B, C, chunk_size, initial_states=None):
+    """S_t = exp(A_t) S_{t-1} + X_t B_t^T, Y_t = S_t C_t (ssd_minimal_discrete): X = x dt (b l h p), A = A dt (b l h),
+    B, C (b l g n)."""
+    Y, final_state = chunked_scan(C[:, :, None], B[:, :, None], X[:, :, None], A, chunk_size,
+                                  start_state=initial_states)
+    return Y[:, :, 0].to(X.dtype), final_state
+
+
+class Linear(nn.Linear):  # bias-free; torch's init is MLX's
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dims, eps=1e-5):
+    def __init__(self, dims):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dims))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight)
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: fc2(h * silu(gate)) with [h | gate] = fc1(x)."""
-
     def __init__(self, d_model, hidden):
         super().__init__()
-        self.fc1 = linear(d_model, 2 * hidden)
-        self.fc2 = linear(hidden, d_model)
+        self.fc1 = Linear(d_model, 2 * hidden)
+        self.fc2 = Linear(hidden, d_model)
 
-    def forward(self, x):
+    def forward(self, x):  # SwiGLU: fc2(h * silu(gate)), [h | gate] = fc1(x)
         h, gate = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(h * F.silu(gate))
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv, weight (K, channels): K shifted multiply-adds, which torch.compile fuses."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.weight = nn.Parameter(torch.empty(kernel_size, channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+
+    def forward(self, x):  # x (b, l, c): out_t = bias + sum_k weight[k] x_{t-K+1+k}
+        K, l = self.weight.shape[0], x.shape[1]
+        w = self.weight.to(x.dtype)
+        x = F.pad(x, (0, 0, K - 1, 0))
+        out = self.bias.to(x.dtype) + w[K - 1] * x[:, K - 1 :]
+        for k in range(K - 1):
+            out = out + w[k] * x[:, k : k + l]
+        return out
+
+
+class Mamba2(nn.Module):
+    """mamba_ssm's modules/mamba2.py: in_proj -> z, xBC, dt; causal conv; SSD with skip D; gated RMSNorm; out_proj."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.d_inner = c.expand * c.d_model
+        self.nheads = self.d_inner // c.headdim
+        self.headdim, self.d_state, self.ngroups, self.chunk_size = c.headdim, c.d_state, c.ngroups, c.chunk_size
+        self.conv_dim = self.d_inner + 2 * c.ngroups * c.d_state  # x, B, C go through the conv together
+        self.in_proj = Linear(c.d_model, self.d_inner + self.conv_dim + self.nheads)  # z | xBC | dt
+        self.conv = CausalConv1d(self.conv_dim, c.d_conv)
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, c))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1.0, 16.0)))  # A = -exp(A_log)
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = Linear(self.d_inner, c.d_model)
+
+    def forward(self, u, state=None):  # state: None (training: none kept), () (a new sequence), or a carried one
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        K = self.conv.weight.shape[0]
+        if state:  # the conv over [carried window, inputs]
+            xBC = torch.cat([state[0].to(xBC.dtype), xBC], dim=1)
+        conv_out = self.conv(xBC)[:, K - 1 :] if state else self.conv(xBC)
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(F.silu(conv_out), [self.d_inner, gn, gn], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))
+        dt = F.softplus(dt.float() + self.dt_bias)
+        A = -torch.exp(self.A_log.float())
+        if "mamba-2" in FUSED and state is None:
+            y = FUSED["mamba-2"](x, dt, A, B, C, self.chunk_size, self.D)
+        else:
+            y, ssm_state = ssd_scan(x * dt[..., None].to(x.dtype), A * dt, B, C, self.chunk_size,
+                                    state[1] if state else None)
+            y = y + x * self.D[:, None].to(x.dtype)
+        y = (y.flatten(-2) * F.silu(z)).unflatten(-1, (self.ngroups, -1))  # gate, then a norm per group (upstream)
+        out = self.out_proj(rms_norm(y).flatten(-2) * self.norm_weight.to(y.dtype))
+        if state is None:
+            return out, None
+        window = F.pad(xBC, (0, 0, K - 1, 0))[:, xBC.shape[1] :]  # the last K-1 inputs
+        return out, (window.to(torch.promote_types(xBC.dtype, torch.float32)), ssm_state)
+
+    def scan_flops_per_token(self):  # forward matmuls, for MFU
+        Q, n, p = self.chunk_size, self.d_state, self.headdim
+        return 2 * Q * n * self.ngroups + self.nheads * (2 * Q * p + 4 * p * n)
+
+
+# Mamba-3 (train_mamba_3_mlx.py's notes derive the chunked form)
+
+
+def rotate_pairs(x, theta):
+    """Turn dims (2j, 2j+1) of x (..., n) by theta (..., a), j < a (SISO)."""
+    a = theta.shape[-1]
+    x0, x1 = x[..., : 2 * a].unflatten(-1, (a, 2)).unbind(-1)
+    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
+    turned = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return torch.cat([turned, x[..., 2 * a :]], dim=-1)
+
+
+def rotate_halves(x, theta):
+    """Turn dims (j, n/2 + j) of x (..., n) by theta (..., a), j < a (MIMO)."""
+    a, half = theta.shape[-1], x.shape[-1] // 2
+    x0, x1 = x[..., :a], x[..., half : half + a]
+    cos, sin = torch.cos(theta).to(x.dtype), torch.sin(theta).to(x.dtype)
+    return torch.cat([x0 * cos - x1 * sin, x[..., a:half], x0 * sin + x1 * cos, x[..., half + a :]], dim=-1)
+
+
+def cumulative_angles(increments, initial_angle, chunk_size):
+    """theta_t = theta_{-1} + sum_{u <= t} increments_u mod 2 pi over dim 1 of (b l h a); chunk totals in float64."""
+    l = increments.shape[1]
+    chunks = F.pad(increments, (0, 0, 0, 0, 0, -l % chunk_size)).unflatten(1, (-1, chunk_size))  # (b, c, Q, h, a)
+    within = chunks.cumsum(dim=2)
+    totals = torch.remainder(chunks.double().sum(dim=2), 2 * math.pi)
+    offsets = F.pad(totals.cumsum(dim=1)[:, :-1], (0, 0, 0, 0, 1, 0))  # what the chunks before each one add
+    if initial_angle is not None:
+        offsets = offsets + initial_angle[:, None]
+    offsets = torch.remainder(offsets, 2 * math.pi).to(within.dtype)
+    return torch.remainder(within + offsets[:, :, None], 2 * math.pi).flatten(1, 2)[:, :l]
+
+
+def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None,
+                MIMO_O=None, initial_states=None, chunk_size=64):
+    """S_t = alpha_t S_{t-1} + beta_t v_{t-1} k_{t-1}^T + gamma_t v_t k_t^T, y_t = S_t q_t + D v_t, q and k rotated,
+    in upstream's kernel arguments (mamba3_siso_combined; mamba3_mimo with MIMO_V): Q, K (b l g n), MIMO (b l r g n);
+    V, Z (b l h p); ADT, DT, Trap (b h l); biases (h n) (h r n); Angles (b l 1 a); MIMO_* (h r p); states (angle
+    (b h a), S (b h p n), k (b h n) (b r h n), x (b h p)) -> (out (b l h p), final states)."""
+    mimo = MIMO_V is not None
+    if not mimo:  # a rank axis of 1 from here on
+        Q, K, Q_bias, K_bias = Q[:, :, None], K[:, :, None], Q_bias[:, None], K_bias[:, None]
+        if initial_states is not None:
+            initial_states = (*initial_states[:2], initial_states[2][:, None], initial_states[3])
+    acc = torch.promote_types(V.dtype, torch.float32)
+    DT, ADT = DT.to(acc).transpose(1, 2), ADT.to(acc).transpose(1, 2)  # (b l h) from here on
+    gamma = torch.sigmoid(Trap.to(acc)).transpose(1, 2) * DT  # lam DT
+    sigma = DT - gamma  # (1 - lam) DT = beta / alpha
+    sigma_next = F.pad(sigma[:, 1:], (0, 0, 0, 1))  # 0 after the last token: the final state is unshifted
+
+    theta = cumulative_angles(math.pi * torch.tanh(Angles.to(acc)) * DT[..., None],
+                              None if initial_states is None else initial_states[0].to(acc), chunk_size)
+    rotate = rotate_halves if mimo else rotate_pairs  # upstream's pairings
+
+    def heads(X, bias):  # (b l r g n) + (h r n) -> (b l r h n)
+        return X.repeat_interleave(bias.shape[0] // X.shape[-2], dim=-2) + bias.transpose(0, 1).to(X.dtype)
+
+    def ranks(x):  # (..., h, p) -> (..., r, h, p)
+        return x.unsqueeze(-3) * MIMO_V.transpose(0, 1).to(x.dtype) if mimo else x.unsqueeze(-3)
+
+    q, k, v = rotate(heads(Q, Q_bias), theta[:, :, None]), rotate(heads(K, K_bias), theta[:, :, None]), ranks(V)
+    start = None
+    if initial_states is not None:  # the carried token enters the shifted state
+        _, S, k_prev, x_prev = initial_states
+        carried = torch.einsum("brhp,brhn->bhpn", ranks(x_prev).to(acc), k_prev.to(acc))
+        start = S.to(acc) + sigma[:, 0, :, None, None] * carried
+    o, final_S = chunked_scan(q, k, v, ADT, chunk_size, gamma + sigma_next, gamma, start)
+    if D is not None:
+        o = o + D.to(o.dtype)[:, None] * v
+    if not mimo:
+        o = o[:, :, 0]
+        if Z is not None:
+            o = o * F.silu(Z.to(o.dtype))
+    else:
+        if Z is not None:
+            o = o * F.silu(Z.unsqueeze(2).to(o.dtype) * MIMO_Z.transpose(0, 1).to(o.dtype))
+        if MIMO_O is not None:
+            o = (o * MIMO_O.transpose(0, 1).to(o.dtype)).sum(dim=2)
+    return o.to(V.dtype), (theta[:, -1], final_S, k[:, -1] if mimo else k[:, -1, 0], V[:, -1].to(acc))
+
+
+def heavy_tail(u):  # 1 + u for u >= 0, 1 / (1 - u) below; branch-free, so no inf gradient
+    return (1 + F.relu(u)) / (1 + F.relu(-u))
+
+
+class Mamba3(nn.Module):
+    """mamba_ssm's modules/mamba3.py: in_proj -> z, x, B, C, dt, A, trap, angles; mamba3_scan; gate; out_proj."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.d_inner = c.expand * c.d_model
+        self.nheads = self.d_inner // c.headdim
+        self.headdim, self.d_state, self.ngroups = c.headdim, c.d_state, c.ngroups
+        self.is_mimo, self.is_outproj_norm, self.a_floor = c.is_mimo, c.is_outproj_norm, c.a_floor
+        self.mimo_rank = c.mimo_rank if c.is_mimo else 1
+        self.chunk_size = c.tokens_per_chunk
+        r, h, n, angles = self.mimo_rank, self.nheads, c.d_state, int(c.d_state * c.rope_fraction) // 2
+        bc_dim = r * c.ngroups * n
+        self.split_sizes = [self.d_inner, self.d_inner, bc_dim, bc_dim, h, h, h, angles]
+        self.in_proj = Linear(c.d_model, sum(self.split_sizes))  # z | x | B | C | dd_dt | dd_A | trap | angles
+        self.dt_bias = nn.Parameter(init_dt_bias(h, c))
+        self.B_bias = nn.Parameter(torch.ones(h, r, n))
+        self.C_bias = nn.Parameter(torch.ones(h, r, n))
+        self.B_norm_weight = nn.Parameter(torch.ones(n))
+        self.C_norm_weight = nn.Parameter(torch.ones(n))
+        if c.is_mimo:
+            self.mimo_x = nn.Parameter(torch.ones(h, r, c.headdim) / r)
+            self.mimo_z = nn.Parameter(torch.ones(h, r, c.headdim))
+            self.mimo_o = nn.Parameter(torch.ones(h, r, c.headdim) / r)
+        self.D = nn.Parameter(torch.ones(h))
+        if c.is_outproj_norm:
+            self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = Linear(self.d_inner, c.d_model)
+
+    def forward(self, u, state=None):  # as Mamba2's
+        b, l, _ = u.shape
+        r, g, h, n, p = self.mimo_rank, self.ngroups, self.nheads, self.d_state, self.headdim
+        z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(self.in_proj(u), self.split_sizes, dim=-1)
+        B = rms_norm(B.reshape(b, l, r, g, n), self.B_norm_weight)
+        C = rms_norm(C.reshape(b, l, r, g, n), self.C_norm_weight)
+        A = torch.clamp(-heavy_tail(dd_A.float()), max=-self.a_floor)
+        DT = F.softplus(dd_dt.float() + self.dt_bias)
+        z = z.reshape(b, l, h, p)
+        gate_in_scan = not self.is_outproj_norm  # else the norm comes first
+        scan = dict(Q=C, K=B, V=x.reshape(b, l, h, p), ADT=(A * DT).transpose(1, 2), DT=DT.transpose(1, 2),
+                    Trap=trap.float().transpose(1, 2), Q_bias=self.C_bias, K_bias=self.B_bias,
+                    Angles=angles.float()[:, :, None], D=self.D, Z=z if gate_in_scan else None)
+        if self.is_mimo:
+            scan.update(MIMO_V=self.mimo_x, MIMO_Z=self.mimo_z, MIMO_O=self.mimo_o if gate_in_scan else None)
+        else:  # upstream's SISO interface has no rank axis
+            scan.update(Q=C[:, :, 0], K=B[:, :, 0], Q_bias=self.C_bias[:, 0], K_bias=self.B_bias[:, 0])
+        if "mamba-3" in FUSED and state is None:
+            y = FUSED["mamba-3"](**scan, chunk_size=self.chunk_size)
+        else:
+            y, new_state = mamba3_scan(**scan, initial_states=state or None, chunk_size=self.chunk_size)
+            state = None if state is None else new_state
+        if self.is_outproj_norm:  # a per-head RMSNorm, then the gate (and MIMO's down-projection)
+            weight = self.norm_weight.reshape(h, p)
+            if self.is_mimo:
+                z_ranks = z.unsqueeze(-3) * self.mimo_z.transpose(0, 1).to(z.dtype)
+                y = (rms_norm(y.float()) * weight * F.silu(z_ranks.float()) * self.mimo_o.transpose(0, 1)).sum(-3)
+            else:
+                y = rms_norm(y.float()) * weight * F.silu(z.float())
+        return self.out_proj(y.reshape(b, l, self.d_inner).to(z.dtype)), state
+
+
+    def scan_flops_per_token(self):
+        c, r, n, p = self.chunk_size, self.mimo_rank, self.d_state, self.headdim
+        return self.nheads * (2 * c * r * r * (n + p) + 4 * r * p * n)
+
+
+# END SECTION: Mamba
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.norm = RMSNorm(config.d_model)
-        self.mixer = make_mixer(config)
+        self.mixer = {"mamba-2": Mamba2, "mamba-3": Mamba3}[config.architecture](config)
         if config.mlp_expand > 0:
             self.mlp_norm = RMSNorm(config.d_model)
             self.mlp = GatedMLP(config.d_model, config.mlp_expand * config.d_model)
 
-    def _mlp(self, x):
-        return x + self.mlp(self.mlp_norm(x)) if hasattr(self, "mlp") else x
-
-    def forward(self, x, initial_states=None, return_state=False):
-        if not return_state:
-            return self._mlp(x + self.mixer(self.norm(x)))
-        y, state = self.mixer(self.norm(x), initial_states, return_state=True)
-        return self._mlp(x + y), state
-
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
-        return self._mlp(x + y), state
+    def forward(self, x, state=None):
+        y, state = self.mixer(self.norm(x), state)
+        x = x + y
+        if hasattr(self, "mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state
 
 
 class MambaLM(nn.Module):
-    """model(ids) -> logits (b, l, vocab) float32; model(ids, targets) -> mean cross-entropy. The forward enters the
-    autocast itself (bf16 on CUDA), so the harness, which just calls model(ids), scores what was trained."""
-
     def __init__(self, config, compute_dtype=torch.float32):
         super().__init__()
         self.config = config
-        self.compute_dtype = compute_dtype  # float32, or bfloat16 = autocast
+        self.compute_dtype = compute_dtype  # bfloat16: autocast
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm_f = RMSNorm(config.d_model)
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self):
-        """Upstream (mamba_ssm) init, as the MLX script: embedding N(0, 0.02); linear layers keep
-        uniform(+-1/sqrt(fan_in)); the projections that write into the residual stream (out_proj, fc2) are scaled by
-        1/sqrt(residual writes per layer * depth) so the stream's variance does not grow with depth. The mixers
-        initialise their own A, dt, D."""
-        nn.init.normal_(self.embed.weight, std=0.02)
-        writes = self.config.depth * (2 if self.config.mlp_expand > 0 else 1)
-        for layer in self.layers:
-            residual_writers = [layer.mixer.out_proj] + ([layer.mlp.fc2] if hasattr(layer, "mlp") else [])
-            for proj in residual_writers:
-                proj.weight /= math.sqrt(writes)
-
-    def _autocast(self, device):
-        enabled = self.compute_dtype != torch.float32
-        return torch.autocast(device.type, dtype=self.compute_dtype if enabled else torch.bfloat16, enabled=enabled)
-
-    def _logits(self, x):
-        return self.norm_f(x) @ self.embed.weight.to(x.dtype).T  # tied unembedding
-
-    def forward(self, input_ids, targets=None):  # (b, l) int -> logits (b, l, vocab) float32, or the loss
-        with self._autocast(input_ids.device):
-            x = self.embed(input_ids)
+        with torch.no_grad():  # upstream's init
+            nn.init.normal_(self.embed.weight, std=0.02)
+            writes = config.depth * (2 if config.mlp_expand > 0 else 1)
             for layer in self.layers:
-                if self.config.checkpoint_blocks and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, use_reentrant=False)  # the backward recomputes what the block made from x
-                else:
-                    x = layer(x)
-            logits = self._logits(x).float()
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
+                for proj in [layer.mixer.out_proj] + ([layer.mlp.fc2] if hasattr(layer, "mlp") else []):
+                    proj.weight /= math.sqrt(writes)
 
-    def init_cache(self, batch_size, device=None):
-        return [layer.mixer.init_state(batch_size, device) for layer in self.layers]
-
-    def prefill(self, input_ids, cache=None):
-        """Chunked forward over a prompt (b, l) from `cache` (or fresh states): (last logits (b, vocab), cache)."""
-        with self._autocast(input_ids.device):
+    def forward(self, input_ids, targets=None, cache=None):
+        """(b l) ids -> float32 logits, or the loss; cache (init_cache) is updated. Autocast inside, for the harness."""
+        with torch.autocast(input_ids.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             x = self.embed(input_ids)
-            new_cache = []
             for i, layer in enumerate(self.layers):
-                x, state = layer(x, None if cache is None else cache[i], return_state=True)
-                new_cache.append(state)
-            return self._logits(x[:, -1]).float(), new_cache
+                if cache is not None:
+                    x, cache[i] = layer(x, cache[i])
+                elif self.config.checkpoint_blocks and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, use_reentrant=False)[0]
+                else:
+                    x = layer(x)[0]
+            logits = (self.norm_f(x) @ self.embed.weight.to(x.dtype).T).float()  # tied unembedding
+        return logits if targets is None else cross_entropy(logits, targets)
 
-    def step(self, token_ids, cache):  # (b,) int -> (logits (b, vocab), cache): one token, recurrent
-        with self._autocast(token_ids.device):
-            x = self.embed(token_ids)
-            new_cache = []
-            for layer, state in zip(self.layers, cache):
-                x, state = layer.step(x, state)
-                new_cache.append(state)
-            return self._logits(x).float(), new_cache
+    def init_cache(self, batch_size=None):  # a new sequence in every layer, for forward(ids, cache=cache)
+        return [()] * len(self.layers)
+
+    def step(self, token_ids, cache):  # one token (b,) -> (logits (b vocab), cache)
+        return self(token_ids[:, None], cache=cache)[:, -1], cache
 
     def flops_per_token(self):
-        """Training FLOPs per token (MFU), as in the MLX script: 6 * (linear and conv weights, the embedding once, as
-        the unembedding) + 3 * the scans' forward FLOPs."""
+        """Training FLOPs per token: 6 * weights (embedding once) + 3 * scan FLOPs."""
         weights = [self.embed.weight] + [p for _, p in matrix_parameters(self)]
         weights += [m.weight for m in self.modules() if isinstance(m, CausalConv1d)]
         scan = sum(layer.mixer.scan_flops_per_token() for layer in self.layers)
@@ -781,22 +493,21 @@ class MambaLM(nn.Module):
 
 
 def matrix_parameters(model):
-    """(name, weight) of every projection matrix (the linear layers' weights): Muon's (or MATRIX_LR's) group."""
     return [(f"{path}.weight", m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-# =====================================================================================================================
-# Optimizer, schedule, training loop, summary
-# =====================================================================================================================
+# SECTION: Loss, optimizer, schedule
 
 
-def orthogonalise(g):
-    """The MLX script's orthogonalise: MUON_NS_STEPS quintic Newton-Schulz iterations towards U V^T of g = U S V^T,
-    float32 on the CPU, bf16 on GPUs."""
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long())
+
+
+def orthogonalise(g):  # about U V^T of g = U S V^T, by quintic Newton-Schulz iterations
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.float32 if g.device.type == "cpu" else torch.bfloat16)
     tall = x.shape[-2] > x.shape[-1]
-    if tall:
+    if tall:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (x.square().sum(dim=(-2, -1), keepdim=True).sqrt() + 1e-7)
     for _ in range(MUON_NS_STEPS):
@@ -805,63 +516,36 @@ def orthogonalise(g):
     return (x.mT if tall else x).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    """The MLX script's Muon update: Nesterov momentum, orthogonalised, scaled to AdamW's update size by
-    0.2 sqrt(max(rows, cols)), decoupled weight decay (torch.optim.Muon orthogonalises in bf16 and scales otherwise)."""
+class Optimizer:
+    """The MLX script's: the matrices by Muon or AdamW, the embedding and the rest by torch's AdamW."""
 
-    def __init__(self, params, lr, weight_decay):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+    def __init__(self, model, device):
+        matrices = {id(p) for _, p in matrix_parameters(model)}
+        embedding = dict(params=[model.embed.weight], lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY)
+        matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR,
+                      weight_decay=WEIGHT_DECAY)
+        scalars = dict(params=[p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight],
+                       lr=SCALAR_LR, weight_decay=0.0)
+        self.muon = matrix if OPTIMIZER == "muon" else None
+        self.adamw = torch.optim.AdamW([embedding, scalars] if self.muon else [embedding, matrix, scalars],
+                                       betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
+        self.param_groups = self.adamw.param_groups + ([self.muon] if self.muon else [])
+        for group in self.param_groups:
+            group["peak_lr"] = group["lr"]
+        self.zero_grad, self.momentum = model.zero_grad, {}
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                momentum.lerp_(p.grad, 1 - MUON_MOMENTUM)
-                direction = orthogonalise(p.grad.lerp(momentum, MUON_MOMENTUM))  # Nesterov
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
-
-
-class Optimizers:
-    """Several optimizers stepped as one: the training step sets every group's lr, then calls step and zero_grad."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-
-    def step(self):
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self, set_to_none=True):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-
-def make_optimizer(model, device):
-    """The MLX script's three groups: the projection matrices (MATRIX_LR) by Muon or AdamW (OPTIMIZER), the embedding
-    (EMBEDDING_LR) by AdamW, both with decoupled weight decay, everything else (SCALAR_LR, no decay) by AdamW. AdamW
-    is fused on CUDA and decays by lr * wd like the MLX one."""
-    matrices = {id(p) for _, p in matrix_parameters(model)}
-    embedding = dict(params=[model.embed.weight], lr=EMBEDDING_LR, weight_decay=WEIGHT_DECAY)
-    matrix = dict(params=[p for p in model.parameters() if id(p) in matrices], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
-    scalars = dict(params=[p for p in model.parameters() if id(p) not in matrices and p is not model.embed.weight],
-                   lr=SCALAR_LR, weight_decay=0.0)
-    adam = dict(betas=(ADAM_BETA1, ADAM_BETA2), eps=ADAM_EPS, fused=device.type == "cuda")
-    if OPTIMIZER == "muon":
-        optimizer = Optimizers(torch.optim.AdamW([embedding, scalars], **adam),
-                               Muon([matrix], MATRIX_LR, WEIGHT_DECAY))
-    else:
-        optimizer = torch.optim.AdamW([embedding, matrix, scalars], **adam)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    return optimizer
+        self.adamw.step()
+        for p in self.muon["params"] if self.muon else []:  # torch.optim.Muon scales its update otherwise
+            lr = self.muon["lr"]
+            momentum = self.momentum.setdefault(p, torch.zeros_like(p)).lerp_(p.grad, 1 - MUON_MOMENTUM)
+            direction = orthogonalise(p.grad.lerp(momentum, MUON_MOMENTUM))  # Nesterov
+            p.mul_(1 - lr * self.muon["weight_decay"]).add_(direction, alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
 
 
 def lr_multiplier(progress):
-    """Linear warmup over WARMUP_RATIO of the budget, constant, then linear warmdown to FINAL_LR_FRAC over the last
-    WARMDOWN_RATIO. progress = training seconds so far / TIME_BUDGET."""
+    """Warmup, constant, warmdown to FINAL_LR_FRAC; progress in [0, 1]."""
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
     if progress <= 1.0 - WARMDOWN_RATIO:
@@ -870,20 +554,24 @@ def lr_multiplier(progress):
     return 1.0 - decay * (1.0 - FINAL_LR_FRAC)
 
 
+# END SECTION: Loss, optimizer, schedule
+
+
 def make_training_step(model, optimizer, grad_accum_steps, device, compile_model=None, data_parallel=False):
-    """step(batches, lr_mult) -> (mean loss as a device tensor, epoch): forward + backward per micro-batch (gradients
-    accumulate), clip, update, with no host sync; the step's next micro-batch is fetched while the GPU works (never
-    one beyond the step: the budget check counts every batch fetched). compile_model: torch.compile the forward
-    (default: on CUDA when COMPILE). data_parallel: DDP, averaging gradients in the last micro-batch's backward."""
+    """step(batches, lr_mult) -> (mean loss on the device, epoch); no host sync, the next batch fetched meanwhile."""
     if compile_model is None:
         compile_model = COMPILE and device.type == "cuda"
     wrapped = DDP(model, broadcast_buffers=False) if data_parallel else model
     forward = torch.compile(wrapped) if compile_model else wrapped
-    prefetched = []  # the next (x, y, epoch), already on its way to the device
+    prefetched = []
+
+    def to_device(array):  # pinned and non-blocking on CUDA: the copy overlaps the queued GPU work
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory().to(device, non_blocking=True).long() if device.type == "cuda" else tensor.long()
 
     def fetch(batches):
         inputs, targets, epoch = next(batches)
-        return to_device(inputs, device), to_device(targets, device), epoch  # speed section
+        return to_device(inputs), to_device(targets), epoch
 
     def step(batches, lr_mult):
         for group in optimizer.param_groups:
@@ -897,90 +585,58 @@ def make_training_step(model, optimizer, grad_accum_steps, device, compile_model
                 (loss / grad_accum_steps).backward()
             loss_sum += loss.detach()
             if not last:
-                prefetched.append(fetch(batches))  # the host fetches while the GPU runs the queued work
+                prefetched.append(fetch(batches))
         if GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         return loss_sum / grad_accum_steps, epoch
 
-    step.forward = forward  # the (compiled) model, reused for evaluation
+    step.forward = forward  # reused for evaluation
     return step
 
 
-def resolve_compute_dtype(device):
-    """bf16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slower than float32 ones)."""
-    if COMPUTE_DTYPE == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, COMPUTE_DTYPE)
-
-
-def check_hyperparameters(tokens_per_micro_step):
-    """One-line errors for settings that cannot train, before any time is spent."""
-    g, heads = globals(), EXPAND * D_MODEL // HEADDIM if HEADDIM > 0 else 0
-    prepare.check_hyperparameters("train_mamba", [
-        prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
-        prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
-        prepare.one_of(g, "OPTIMIZER", ("muon", "adamw")),
-        *prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV", "MIMO_RANK",
-                          "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS"),
-        ("CHUNK_SIZE", CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"),
-        ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
-        ("HEADDIM", HEADDIM > 0 and EXPAND * D_MODEL % HEADDIM == 0,
-         f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}"),
-        ("NGROUPS", NGROUPS > 0 and heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"),
-        ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
-         f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}"),
-        ("EXPORT_UPSTREAM_DIR", not EXPORT_UPSTREAM_DIR or os.path.isdir(os.path.dirname(os.path.abspath(
-            EXPORT_UPSTREAM_DIR))), f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}"),
-        ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
-         f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
-         f"got {TOTAL_BATCH_SIZE!r}"),
-    ])
-
-
 def main():
-    t_start = t_script_start
-    dist = prepare.distributed("torch")  # rank and world size under torchrun; rank 0 of 1 in a plain run
-    print(prepare.harness_line())  # the preset and the harness constants in force
-    torch.manual_seed(SEED)  # the same on every rank (DDP also starts every rank from rank 0's weights)
-    device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    # TF32 stays off (torch's default): the scans' float32 state passing is a matmul and keeps its 24-bit mantissa
+    dist = prepare.distributed("torch")  # rank 0 of 1 unless under torchrun
+    print(prepare.harness_line())
     seq_len = prepare.MAX_SEQ_LEN
-    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)
+    check_hyperparameters(DEVICE_BATCH_SIZE * seq_len * dist.world_size)  # one-line errors: speed section
+    torch.manual_seed(SEED)  # the same on every rank
+    cuda = torch.cuda.is_available()  # TF32 stays off: the scans' state passing needs float32
+    device = torch.device("cuda", dist.local_rank) if cuda else torch.device("cpu")
     tokenizer = prepare.Tokenizer.from_directory()
-    compute_dtype = resolve_compute_dtype(device)
-    device_label = device_name(device)  # speed section
+    auto = torch.bfloat16 if cuda else torch.float32  # the CPU's bf16 matmuls are slower than its float32 ones
+    compute_dtype = auto if COMPUTE_DTYPE == "auto" else getattr(torch, COMPUTE_DTYPE)
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.machine()}"
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size())
     model = MambaLM(config, compute_dtype).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token()
     architecture = ARCHITECTURE + (f" (MIMO rank {MIMO_RANK})" if ARCHITECTURE == "mamba-3" and IS_MIMO else "")
-    scan_backend = choose_scan_backend(config, device)  # a fused kernel if it matches the pure scan (speed section)
-
+    scan_backend = choose_scan_backend(config, device)  # fills FUSED: speed section
     grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len * dist.world_size)
     print(f"model: {architecture}, {num_params / 1e6:.2f}M parameters, depth {DEPTH}, d_model {D_MODEL}, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_label}, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, compute {compute_dtype}, device {device_name}, "
           f"scan {scan_backend}")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {seq_len} tokens "
           f"x {dist.world_size} processes")
 
-    optimizer = make_optimizer(model, device)
+    optimizer = Optimizer(model, device)
     training_step = make_training_step(model, optimizer, grad_accum_steps, device, data_parallel=dist.world_size > 1)
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", rank=dist.rank,
                                            world_size=dist.world_size)
-    progress_line = prepare.ProgressLine(interval=0)  # in run.log: one line per step (the loss curve)
+    progress_line = prepare.ProgressLine(interval=0)  # one line per step in run.log
     gc.collect()
-    gc.freeze()  # the long-lived objects are made; keep the collector's pauses out of the timed loop
+    gc.freeze()  # keep the collector's pauses out of the timed loop
     gc.disable()
 
-    prepare.probe_machine_speed(dist)  # for the summary's machine_speed, outside the budget
+    prepare.probe_machine_speed(dist)  # the summary's machine_speed, outside the budget
 
-    # The clock counts every step but the first (it compiles); a step runs while its predicted middle is in budget,
-    # so the run ends at the step end nearest to it. The schedule follows that middle / TIME_BUDGET.
+    # The clock counts every step but the first (it compiles); a step runs while its predicted middle is in budget.
     training_time, step, smooth_loss, t_startup, step_times = 0.0, 0, 0.0, None, []
     while (midpoint := prepare.step_midpoint(training_time, step_times)) < prepare.TIME_BUDGET:
-        synchronize(device)  # speed section
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.time()
         lr_mult = lr_multiplier(midpoint / prepare.TIME_BUDGET)
         loss, epoch = training_step(train_loader, lr_mult)
@@ -988,7 +644,7 @@ def main():
         train_loss, step_time = dist.agree(train_loss, time.time() - t0)  # the same loss and clock on every rank
         prepare.check_loss(train_loss, step)
         if step == 0:
-            t_startup = time.time() - t_start  # imports, model, data, compilation of the first step
+            t_startup = time.time() - t_script_start
         else:
             training_time += step_time
             step_times.append(step_time)
@@ -996,28 +652,22 @@ def main():
         step += 1
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9**step)
-        tokens_per_s = TOTAL_BATCH_SIZE / step_time
-        remaining = max(prepare.TIME_BUDGET - training_time, 0.0)
         progress_line.update(
-            f"step {step:05d} ({100 * min(training_time / prepare.TIME_BUDGET, 1.0):5.1f}%) | loss {debiased:.4f} | "
-            f"lrm {lr_mult:.2f} | {1000 * step_time:.0f} ms | {tokens_per_s:,.0f} tok/s | epoch {epoch} | "
-            f"training_seconds {training_time:.3f} | tokens {step * TOTAL_BATCH_SIZE} | {remaining:.0f}s left"
+            f"step {step:05d} ({100 * min(training_time / prepare.TIME_BUDGET, 1.0):5.1f}%) | "
+            f"loss {smooth_loss / (1 - 0.9**step):.4f} | lrm {lr_mult:.2f} | {1000 * step_time:.0f} ms | "
+            f"{TOTAL_BATCH_SIZE / step_time:,.0f} tok/s | epoch {epoch} | training_seconds {training_time:.3f} | "
+            f"tokens {step * TOTAL_BATCH_SIZE} | {max(prepare.TIME_BUDGET - training_time, 0.0):.0f}s left"
         )
     progress_line.close()
     gc.enable()
 
-    # Evaluation: the harness scores the (compiled, on CUDA) model's forward pass, under the model's own autocast.
     t_eval = time.time()
     val_bpb = prepare.evaluate_bpb(training_step.forward, DEVICE_BATCH_SIZE, dist)
     eval_seconds = time.time() - t_eval
 
-    timed_steps = step - 1
-    total_tokens = step * TOTAL_BATCH_SIZE
-    tokens_per_s = timed_steps * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
-    peak_dtype = "float32" if compute_dtype == torch.float32 else "bfloat16"
-    peak, peak_source = prepare.peak_flops(device_label, peak_dtype, backend="torch")
-    mfu = 100 * flops_per_token * tokens_per_s / (peak * dist.world_size)  # tokens_per_s counts all ranks
+    tokens_per_s = (step - 1) * TOTAL_BATCH_SIZE / max(training_time, 1e-9)
+    peak, peak_source = prepare.peak_flops(device_name, "float32" if compute_dtype == torch.float32 else "bfloat16",
+                                           backend="torch")
     print(f"startup_seconds: {t_startup:.1f} (imports, model, data, first compiled step; not in training_seconds)")
     print(f"eval_seconds: {eval_seconds:.1f}")
     print(f"throughput: {tokens_per_s:,.0f} tok/s; MFU against {peak / 1e9:.0f} GFLOP/s ({peak_source})")
@@ -1026,33 +676,86 @@ def main():
         "preset": prepare.PRESET_NAME,
         "val_bpb": val_bpb,
         "training_seconds": training_time,
-        "total_seconds": time.time() - t_start,
-        "peak_memory_mb": peak_memory_mb(device),  # speed section
-        "mfu_percent": mfu,
-        "total_tokens_M": total_tokens / 1e6,
+        "total_seconds": time.time() - t_script_start,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else  # CPU: peak RSS (KiB)
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "mfu_percent": 100 * flops_per_token * tokens_per_s / (peak * dist.world_size),  # tokens/s of all ranks
+        "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
         "num_steps": step,
         "num_params_M": num_params / 1e6,
         "depth": DEPTH,
         "scan_backend": scan_backend,
-    }, trained_tokens=total_tokens, dist=dist)
+    }, trained_tokens=step * TOTAL_BATCH_SIZE, dist=dist)
     if EXPORT_UPSTREAM_DIR and dist.rank == 0:
-        export_upstream(model, EXPORT_UPSTREAM_DIR)  # mamba_ssm's layout: below the speed section
+        export_upstream(model, EXPORT_UPSTREAM_DIR)  # below the speed section
 
 
-# =====================================================================================================================
-# SECTION: Speed machinery (mamba_ssm's fused scans and their start-up check, device helpers, decoding)
-# =====================================================================================================================
-# Scan backend: the pure-PyTorch scans, or mamba_ssm's fused CUDA kernels, chosen once at start by
-# choose_scan_backend(): a kernel is used only if it imports and matches the pure scan on a random problem of the
-# model's shape (output and every input gradient), so a kernel with another convention can never train silently.
-# The kernels take the pure scans' arguments (upstream's Mamba-3 interface is the one mirrored), except Mamba-2's,
-# which takes x, dt and A separately (it folds dt in itself).
-
-FUSED = {}  # "mamba-2" / "mamba-3": the fused function the blocks call instead of the pure scan
+# SECTION: Speed machinery (the knobs' checks, mamba_ssm's fused scans and their check, decoding)
 
 
-def _fused_candidates():
-    """{kind: (function, name)} for the fused kernels that import here, wrapped to the pure scans' arguments."""
+def check_hyperparameters(tokens_per_micro_step):
+    """One-line errors for impossible settings, in order: a comparison meets checked numbers."""
+    g = globals()
+
+    def number(name, test, requirement):
+        value = g[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
+        return name, ok, f"must be {requirement}, got {value!r}"
+
+    def writable(folder):  # a folder, or a place for one, where files can be made
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            return False
+        try:
+            with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else os.path.dirname(folder)):
+                return True
+        except OSError:
+            return False
+
+    def checks():
+        yield prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3"))
+        yield prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16"))
+        yield prepare.one_of(g, "OPTIMIZER", ("muon", "adamw"))
+        for name in ("IS_MIMO", "IS_OUTPROJ_NORM", "CHECKPOINT_BLOCKS", "COMPILE", "FUSED_KERNELS"):
+            yield prepare.one_of(g, name, (True, False))
+        yield from prepare.positive(g, "DEPTH", "D_MODEL", "D_STATE", "HEADDIM", "EXPAND", "NGROUPS", "D_CONV",
+                                    "MIMO_RANK", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "MUON_NS_STEPS", "DT_MIN",
+                                    "DT_MAX", "DT_INIT_FLOOR", "ADAM_EPS")
+        yield "CHUNK_SIZE", isinstance(CHUNK_SIZE, int) and CHUNK_SIZE > 0, f"must be positive, got {CHUNK_SIZE!r}"
+        yield number("MLP_EXPAND", lambda v: v >= 0 and v == int(v), "a whole number >= 0 (0 = no MLP)")
+        yield "DT_MAX", DT_MAX >= DT_MIN, f"must be at least DT_MIN ({DT_MIN!r}), got {DT_MAX!r}"
+        ranges = {">= 0": ("MATRIX_LR", "EMBEDDING_LR", "SCALAR_LR", "WEIGHT_DECAY", "A_FLOOR", "GRAD_CLIP"),
+                  "in [0, 1)": ("ADAM_BETA1", "ADAM_BETA2", "MUON_MOMENTUM"),
+                  "in [0, 1]": ("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"), "in (0, 1]": ("ROPE_FRACTION",)}
+        tests = {">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+                 "in (0, 1]": lambda v: 0 < v <= 1}
+        for requirement, names in ranges.items():
+            yield from (number(name, tests[requirement], requirement) for name in names)
+        yield ("WARMDOWN_RATIO", WARMUP_RATIO + WARMDOWN_RATIO <= 1,
+               f"+ WARMUP_RATIO must be at most 1 (the whole budget), got {WARMDOWN_RATIO!r} + {WARMUP_RATIO!r}")
+        yield ("ROPE_FRACTION", ARCHITECTURE != "mamba-3" or int(D_STATE * ROPE_FRACTION) >= 2,
+               f"* D_STATE must give at least one rotary pair, got {ROPE_FRACTION!r} * {D_STATE!r}")
+        yield ("HEADDIM", EXPAND * D_MODEL % HEADDIM == 0,
+               f"must divide EXPAND * D_MODEL ({EXPAND * D_MODEL}), got {HEADDIM!r}")
+        heads = EXPAND * D_MODEL // HEADDIM
+        yield "NGROUPS", heads % NGROUPS == 0, f"must divide the {heads} heads, got {NGROUPS!r}"
+        yield "SEED", isinstance(SEED, int) and not isinstance(SEED, bool), f"must be an integer, got {SEED!r}"
+        if EXPORT_UPSTREAM_DIR:
+            folder = os.path.abspath(EXPORT_UPSTREAM_DIR)
+            yield ("EXPORT_UPSTREAM_DIR", os.path.isdir(os.path.dirname(folder)),
+                   f"must be a folder whose parent exists, got {EXPORT_UPSTREAM_DIR!r}")
+            yield ("EXPORT_UPSTREAM_DIR", writable(folder),
+                   f"must be a folder this process can write in, got {EXPORT_UPSTREAM_DIR!r}")
+        yield ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and TOTAL_BATCH_SIZE % tokens_per_micro_step == 0,
+               f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
+               f"got {TOTAL_BATCH_SIZE!r}")
+
+    prepare.check_hyperparameters("train_mamba", checks())
+
+
+# A kernel enters FUSED only if it matches the pure scan: one with another convention never trains.
+
+
+def _fused_candidates():  # {kind: (function, kernel name)} of the kernels that import
     found = {}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -1086,9 +789,7 @@ def _fused_candidates():
         @torch.compiler.disable
         def fused_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
                        Z=None, chunk_size=16):
-            # The kernel turns dims (j, n/2 + j) for j < n / divisor, divisor 2 or 4: the pure scan's MIMO pairing
-            # for the first a <= n/divisor pairs. Angles past a are zero (tanh 0 = 0: those pairs never turn), so any
-            # rope fraction (a <= n/2) maps onto it; a shape it cannot take raises, and the start-up check says so.
+            # it turns dims (j, n/2 + j) for j < n / divisor (2 or 4); angles past ours are zero
             n, a, h = Q.shape[-1], Angles.shape[-1], V.shape[2]
             divisor = 4 if a <= n // 4 else 2
             if n % 2 or a > n // divisor:
@@ -1109,16 +810,23 @@ def _fused_candidates():
 
 
 def _pure_ssd_with_dt(x, dt, A, B, C, chunk_size, D):
-    """ssd_scan in the fused kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
+    """ssd_scan in the kernel's arguments: x (b l h p), dt (b l h), A (h), D (h)."""
     y, _ = ssd_scan(x * dt[..., None].to(x.dtype), dt * A, B, C, chunk_size)
     return y + x * D[:, None].to(x.dtype)
 
 
+PURE_SCANS = {"ssd": _pure_ssd_with_dt, "siso": mamba3_scan, "mimo": mamba3_scan}
+
+
 def _random_scan_problem(kind, config, batch, length, device, dtype):
-    """Inputs of the model's shape (heads, dims, rank) with the ranges training sees, for the start-up check."""
+    """Scan inputs of the model's shapes in the ranges training sees."""
     c, gen = config, torch.Generator().manual_seed(0)
-    h, g, n, p, r, a = c.nheads, c.ngroups, c.d_state, c.headdim, c.mimo_rank, c.num_rope_angles
-    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    h, g, n, p, r = c.expand * c.d_model // c.headdim, c.ngroups, c.d_state, c.headdim, c.mimo_rank
+    a = int(c.d_state * c.rope_fraction) // 2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
     dt = F.softplus(rand(batch, length, h) - 3)
     if kind == "ssd":
         problem = dict(x=rand(batch, length, h, p), dt=dt, A=-torch.rand(h, generator=gen) - 0.5,
@@ -1135,14 +843,13 @@ def _random_scan_problem(kind, config, batch, length, device, dtype):
         if kind == "mimo":
             problem.update(MIMO_V=1 / r + 0.1 * rand(h, r, p), MIMO_Z=1 + 0.1 * rand(h, r, p),
                            MIMO_O=1 / r + 0.1 * rand(h, r, p))
-    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # what arrives in bf16 from the projections under autocast
+    low_precision = ("x", "B", "C", "Q", "K", "V", "Z")  # bf16 under autocast
     return {key: value.to(device=device, dtype=dtype if key in low_precision else torch.float32)
             for key, value in problem.items()}
 
 
 def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
-    """(ok, detail): the fused kernel's output and input gradients against the pure scan's in float32, relative to
-    each tensor's largest magnitude."""
+    """(ok, detail): output and input gradients against the pure scan's, relative errors."""
     inputs = {key: value.detach().clone().requires_grad_() for key, value in problem.items()}
     reference = {key: value.detach().float().clone().requires_grad_() for key, value in problem.items()}
     y_fused = fused(**inputs, chunk_size=chunk_size)
@@ -1151,6 +858,7 @@ def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
     probe = torch.randn_like(y_pure)
     (y_fused.float() * probe).sum().backward()
     (y_pure * probe).sum().backward()
+
     def relative_error(got, want):
         return ((got.float() - want).abs().max() / (want.abs().max() + 1e-6)).item()
 
@@ -1166,7 +874,7 @@ def fused_matches_pure(fused, pure, problem, chunk_size, tolerance=0.05):
 
 
 def choose_scan_backend(config, device):
-    """Pick the scan implementation for this run and return its name for the summary (scan_backend)."""
+    """Fill FUSED where a kernel passes the check; returns what runs (scan_backend)."""
     FUSED.clear()
     if not (FUSED_KERNELS and device.type == "cuda"):
         return "torch"
@@ -1176,11 +884,10 @@ def choose_scan_backend(config, device):
         print(f"scan backend: no mamba_ssm kernel for {kind} imports here; using the pure-PyTorch scan")
         return "torch"
     fused, name = candidates[kind]
-    pure = {"ssd": _pure_ssd_with_dt, "siso": mamba3_siso_scan, "mimo": mamba3_mimo_scan}[kind]
     problem = _random_scan_problem(kind, config, 2, 4 * config.tokens_per_chunk, device, torch.bfloat16)
     try:
-        ok, detail = fused_matches_pure(fused, pure, problem, config.tokens_per_chunk)
-    except Exception as e:  # an unsupported shape, a kernel compile failure, ...
+        ok, detail = fused_matches_pure(fused, PURE_SCANS[kind], problem, config.tokens_per_chunk)
+    except Exception as e:  # an unsupported shape, a failed kernel build
         ok, detail = False, f"{type(e).__name__}: {e}"
     if not ok:
         print(f"scan backend: mamba_ssm {name} disagrees with the pure scan ({detail}); using the pure-PyTorch scan")
@@ -1190,114 +897,17 @@ def choose_scan_backend(config, device):
     return f"mamba_ssm.{name}"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Device helpers
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
-
-
-def to_device(array, device):
-    """int32 numpy batch -> int64 tensor on device; pinned and non-blocking on CUDA, so the copy overlaps the queued
-    GPU work (torch's caching host allocator keeps each pinned block until its copy has run)."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True).long()
-    return tensor.long()
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process peak RSS
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Decoding, which training never calls: each scan's one-token recurrence as the math reads (what the blocks' step
-# methods call, and the reference the tests hold the chunked scans to), and generate.
-
-
-def ssd_step(X, A, B, C, state):
-    """One token of ssd_scan's recurrence. X (b h p), A (b h), B, C (b g n), state (b h p n) -> (Y (b h p), state)."""
-    h, g = X.shape[1], B.shape[1]
-    acc = state.dtype
-    B, C = (t.to(acc).repeat_interleave(h // g, dim=1) for t in (B, C))  # (b h n)
-    state = torch.exp(A.to(acc))[..., None, None] * state + X.to(acc)[..., :, None] * B[..., None, :]
-    Y = (state @ C[..., None])[..., 0]
-    return Y.to(X.dtype), state
-
-
-def _mamba3_step(inputs, mimo, state):
-    """One token of the recurrence (rank axis always present: Q, K (b r g n)); mimo None or a MimoWeights."""
-    s = inputs
-    b, h, p = s.V.shape
-    acc = accumulation_dtype(s.V.dtype)
-    r, n, a = s.Q.shape[1], s.Q.shape[-1], s.Angles.shape[-1]
-    if state is None:
-        state = (torch.zeros(b, h, a), torch.zeros(b, h, p, n), torch.zeros(b, r, h, n), torch.zeros(b, h, p))
-        state = tuple(t.to(device=s.V.device, dtype=acc) for t in state)
-    theta, S, k_prev, x_prev = (t.to(acc) for t in state)
-    ADT, DT, lam = s.ADT.to(acc), s.DT.to(acc), torch.sigmoid(s.Trap.to(acc))
-    alpha = torch.exp(ADT)
-    beta, gamma = (1 - lam) * DT * alpha, lam * DT
-    theta = torch.remainder(theta + math.pi * torch.tanh(s.Angles.to(acc)) * DT[..., None], 2 * math.pi)  # (b h a)
-    e = h // s.Q.shape[-2]
-    q = s.Q.to(acc).repeat_interleave(e, dim=-2) + s.Q_bias.transpose(0, 1).to(acc)  # (b r h n)
-    k = s.K.to(acc).repeat_interleave(e, dim=-2) + s.K_bias.transpose(0, 1).to(acc)
-    rotate = rotate_pairs if mimo is None else rotate_halves
-    q, k = rotate(q, theta[:, None]), rotate(k, theta[:, None])
-    x = s.V.to(acc)
-    up = (lambda x: x[:, None]) if mimo is None else (lambda x: x[:, None] * mimo.up_x.transpose(0, 1).to(acc))
-    v, v_prev = up(x), up(x_prev)  # (b r h p)
-    S = (alpha[..., None, None] * S
-         + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, k_prev)
-         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
-    o = torch.einsum("bhpn,brhn->brhp", S, q)
-    if s.D is not None:
-        o = o + s.D.to(acc)[:, None] * v
-    if mimo is None:
-        o = o[:, 0]
-        if s.Z is not None:
-            o = o * F.silu(s.Z.to(acc))
-    else:
-        if s.Z is not None:
-            o = o * F.silu(s.Z.to(acc)[:, None] * mimo.up_z.transpose(0, 1).to(acc))
-        if mimo.down is not None:
-            o = (o * mimo.down.transpose(0, 1).to(acc)).sum(dim=1)
-    return o.to(s.V.dtype), (theta, S, k, x)
-
-
-def mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, state=None):
-    """One token of the SISO recurrence: Q, K (b g n), V, Z (b h p), ADT, DT, Trap (b h), Angles (b h a) or (b 1 a),
-    state as mamba3_siso_scan's. Returns (y (b h p), new state)."""
-    if state is not None:
-        angle, S, k_last, x_last = state
-        state = (angle, S, k_last[:, None], x_last)
-    inputs = Mamba3Inputs(Q[:, None], K[:, None], V, ADT, DT, Trap, Q_bias[:, None], K_bias[:, None], Angles, D, Z)
-    y, (angle, S, k_last, x_last) = _mamba3_step(inputs, None, state)
-    return y, (angle, S, k_last[:, 0], x_last)
-
-
-def mamba3_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, MIMO_V, MIMO_Z=None, MIMO_O=None, D=None,
-                     Z=None, state=None):
-    """One token of the MIMO recurrence: Q, K (b r g n), biases (h r n), MIMO_* (h r p), k state (b r h n)."""
-    inputs = Mamba3Inputs(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
-    return _mamba3_step(inputs, MimoWeights(MIMO_V, MIMO_Z, MIMO_O), state)
+mamba3_mimo_scan = mamba3_scan  # for tests/test_upstream_parity.py
+make_optimizer = Optimizer  # for tests/distributed_worker.py
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
-    """Sample a continuation of `prompt`: a chunked prefill of the prompt, then the recurrent step path, O(1) per
-    token whatever the length so far (the cache holds the conv window and the SSM state of every layer)."""
+    """A sampled continuation of `prompt`, a token at a time from the carried states."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    logits, cache = model.prefill(torch.tensor([ids], device=device))
+    cache = model.init_cache()
+    logits = model(torch.tensor([ids], device=device), cache=cache)[:, -1]
     new_tokens = []
     for _ in range(max_new_tokens):
         if temperature == 0:
@@ -1309,20 +919,14 @@ def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
     return tokenizer.decode(new_tokens)
 
 
-# =====================================================================================================================
 # END SECTION: Speed machinery
-# =====================================================================================================================
 
 
-# =====================================================================================================================
-# SECTION: Export (weights in other layouts: from the MLX script, to mamba_ssm)
-# =====================================================================================================================
+# SECTION: Export (weights from the MLX script, to mamba_ssm)
 
 
 def load_mlx_parameters(model, arrays):
-    """Copy the MLX model's parameters, a flat {name: array} (mlx.utils.tree_flatten(mlx_model.parameters()), arrays
-    as numpy or anything torch.as_tensor takes), into `model`. The names and shapes are the same by construction;
-    any difference is an error that names the parameter."""
+    """Copy the MLX model's flat {name: array} into `model`, naming a parameter that differs."""
     params = dict(model.named_parameters())
     missing, unknown = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or unknown:
@@ -1335,22 +939,17 @@ def load_mlx_parameters(model, arrays):
             param.copy_(value.to(param.dtype))
 
 
-# A recipe that transfers: EXPORT_UPSTREAM_DIR writes the final model under mamba_ssm's MambaLMHeadModel names and
-# config (README, "Taking a recipe to mamba_ssm"), so MambaLMHeadModel.from_pretrained(EXPORT_UPSTREAM_DIR) loads it.
-# Upstream pads the vocabulary to a multiple of 8, keeps the conv as conv1d (C, 1, K) and stores the tied lm_head too;
-# its Mamba-3 MIMO rotates the state's halves as here, and its Mamba-3 chunk_size counts tokens.
-
 UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.weight", "norm_weight": "norm.weight",
                   "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
 
 
 def upstream_state(model):
-    """{upstream name: float32 CPU tensor} of a MambaLM's weights (embedding and lm_head one tensor, as upstream's)."""
+    """{upstream name: float32 CPU tensor}; the vocabulary padded to a multiple of 8, as upstream's."""
     out = {}
     for name, value in model.state_dict().items():
         value = value.detach().to("cpu", torch.float32)
         if name == "embed.weight":
-            value = F.pad(value, (0, 0, 0, -value.shape[0] % 8))  # zero rows up to a multiple of 8
+            value = F.pad(value, (0, 0, 0, -value.shape[0] % 8))
             out["backbone.embedding.weight"] = out["lm_head.weight"] = value
         elif name == "norm_f.weight":
             out["backbone.norm_f.weight"] = value
@@ -1365,7 +964,7 @@ def upstream_state(model):
 
 
 def upstream_config(config):
-    """MambaLMHeadModel's config (mamba_ssm's MambaConfig fields) of a ModelConfig."""
+    """mamba_ssm's MambaConfig of a ModelConfig (its Mamba-3 chunk counts tokens)."""
     ssm = dict(layer="Mamba3" if config.architecture == "mamba-3" else "Mamba2", d_state=config.d_state,
                expand=config.expand, headdim=config.headdim, ngroups=config.ngroups,
                chunk_size=config.tokens_per_chunk, dt_min=config.dt_min, dt_max=config.dt_max,
@@ -1381,7 +980,7 @@ def upstream_config(config):
 
 
 def export_upstream(model, directory):
-    """pytorch_model.bin, then config.json, each whole or not at all (the config last marks a complete export)."""
+    """pytorch_model.bin, then config.json (a complete export), each written whole or not at all."""
     import json
 
     os.makedirs(directory, exist_ok=True)
@@ -1398,9 +997,7 @@ def export_upstream(model, directory):
               f"loads it)")
 
 
-# =====================================================================================================================
 # END SECTION: Export
-# =====================================================================================================================
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import prepare  # noqa: F401  (first, as everywhere: loads the fast BLAS before 
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional extra: uv sync --extra torch)")
+F = torch.nn.functional
 
 import train_mamba as tm  # noqa: E402
 from conftest import check_step_log, sized_script  # noqa: E402
@@ -73,10 +74,19 @@ def ssd_inputs(b, l, h, g, n, p, seed):
                 B=randn(gen, b, l, g, n), C=randn(gen, b, l, g, n))
 
 
+def ssd_step(X, A, B, C, state):
+    """One token of Mamba-2's recurrence S = exp(A) S + X B^T, Y = S C: X (b h p), A (b h), B, C (b g n), state
+    (b h p n) -> (Y (b h p), state). The reference the chunked scan is held to."""
+    h, g = X.shape[1], B.shape[1]
+    B, C = (t.to(state.dtype).repeat_interleave(h // g, dim=1) for t in (B, C))  # (b h n)
+    state = torch.exp(A.to(state.dtype))[..., None, None] * state + X.to(state.dtype)[..., :, None] * B[..., None, :]
+    return (state @ C[..., None])[..., 0].to(X.dtype), state
+
+
 def ssd_steps(inputs, state):
     outputs = []
     for t in range(inputs["X"].shape[1]):
-        y, state = tm.ssd_step(*(inputs[k][:, t] for k in ("X", "A", "B", "C")), state)
+        y, state = ssd_step(*(inputs[k][:, t] for k in ("X", "A", "B", "C")), state)
         outputs.append(y)
     return torch.stack(outputs, dim=1), state
 
@@ -146,12 +156,59 @@ def mamba3_state(b, h, n, p, a, rank=None, seed=1):
 
 
 def mamba3_scan(inputs, mimo, **kw):
-    return (tm.mamba3_mimo_scan if mimo else tm.mamba3_siso_scan)(**inputs, **kw)
+    return tm.mamba3_scan(**inputs, **kw)
+
+
+def mamba3_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None,
+                MIMO_O=None, state=None):
+    """One token of Mamba-3's recurrence as the math reads (train_mamba_3_mlx.py's Mamba-3 notes), in tm.mamba3_scan's
+    arguments less the time axis: S = alpha S + beta v_prev k_prev^T + gamma v k^T, y = S q + D v, gated."""
+    mimo = MIMO_V is not None
+    if not mimo:  # a rank axis of 1
+        Q, K, Q_bias, K_bias = Q[:, None], K[:, None], Q_bias[:, None], K_bias[:, None]
+        if state is not None:
+            state = (state[0], state[1], state[2][:, None], state[3])
+    b, h, p = V.shape
+    acc = torch.float64 if V.dtype == torch.float64 else torch.float32
+    r, n, a = Q.shape[1], Q.shape[-1], Angles.shape[-1]
+    if state is None:
+        state = (torch.zeros(b, h, a), torch.zeros(b, h, p, n), torch.zeros(b, r, h, n), torch.zeros(b, h, p))
+    theta, S, k_prev, x_prev = (t.to(acc) for t in state)
+    DT, lam = DT.to(acc), torch.sigmoid(Trap.to(acc))
+    alpha = torch.exp(ADT.to(acc))
+    beta, gamma = (1 - lam) * DT * alpha, lam * DT
+    theta = torch.remainder(theta + math.pi * torch.tanh(Angles.to(acc)) * DT[..., None], 2 * math.pi)  # (b h a)
+    e = h // Q.shape[-2]
+    q = Q.to(acc).repeat_interleave(e, dim=-2) + Q_bias.transpose(0, 1).to(acc)  # (b r h n)
+    k = K.to(acc).repeat_interleave(e, dim=-2) + K_bias.transpose(0, 1).to(acc)
+    rotate = tm.rotate_halves if mimo else tm.rotate_pairs
+    q, k = rotate(q, theta[:, None]), rotate(k, theta[:, None])
+    x = V.to(acc)
+
+    def ranks(x):
+        return x[:, None] * MIMO_V.transpose(0, 1).to(acc) if mimo else x[:, None]
+
+    v, v_prev = ranks(x), ranks(x_prev)  # (b r h p)
+    S = (alpha[..., None, None] * S + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, k_prev)
+         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
+    o = torch.einsum("bhpn,brhn->brhp", S, q)
+    if D is not None:
+        o = o + D.to(acc)[:, None] * v
+    if not mimo:
+        o = o[:, 0]
+        if Z is not None:
+            o = o * F.silu(Z.to(acc))
+    else:
+        if Z is not None:
+            o = o * F.silu(Z.to(acc)[:, None] * MIMO_Z.transpose(0, 1).to(acc))
+        if MIMO_O is not None:
+            o = (o * MIMO_O.transpose(0, 1).to(acc)).sum(dim=1)
+    return o.to(V.dtype), (theta, S, k if mimo else k[:, 0], x)
 
 
 def mamba3_steps(inputs, mimo, state=None):
     """The recurrence token by token: outputs stacked along time and the final state."""
-    step = tm.mamba3_mimo_step if mimo else tm.mamba3_siso_step
+    step = mamba3_step
     outputs = []
     for t in range(inputs["V"].shape[1]):
         kw = {}
@@ -280,7 +337,8 @@ def test_mamba3_gradients_match_recurrence(mimo, rank):
 def test_scan_precision_on_cuda_with_and_without_tf32(allow_tf32, tolerance):
     """A model-sized SISO scan (n = p = chunk = 64, four chunks) in float32 on the GPU against the recurrence in float64
     on the CPU: float32's tolerance with TF32 off, a looser one with it on (as main() sets it). TF32 rounds matmul
-    operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up to 1e-3 relative."""
+    operands to 10 mantissa bits; emulated on the CPU (operands so rounded), this scan was off by up to 1e-3
+    relative."""
     inputs = mamba3_inputs(2, 256, 4, 2, 64, 64, 16, seed=0)
     ref, ref_state = mamba3_steps({k: v.double() for k, v in inputs.items()}, False)
     with cuda_tf32(allow_tf32):
@@ -305,7 +363,7 @@ def test_rotation_pairs_as_upstream_by_hand():
                      Trap=torch.tensor([[0.4]]), Q_bias=bias, K_bias=bias, Angles=torch.tensor([[[angles, angles]]]))
         if mimo:
             token.update(MIMO_V=torch.ones(1, 1, 1), MIMO_Z=torch.ones(1, 1, 1), MIMO_O=torch.ones(1, 1, 1))
-        _, (_, _, k_step, _) = (tm.mamba3_mimo_step if mimo else tm.mamba3_siso_step)(**token)
+        _, (_, _, k_step, _) = mamba3_step(**token)
         sequence = {name: value.unsqueeze(1) if name in ("Q", "K", "V", "Angles") else value
                     for name, value in token.items()}
         sequence.update(ADT=token["ADT"][..., None], DT=token["DT"][..., None], Trap=token["Trap"][..., None])
@@ -356,10 +414,9 @@ def test_prefill_and_step_match_forward(name):
     ids = torch.randint(0, 50, (2, 11), generator=make_generator(0))
     with torch.no_grad():
         full = model(ids)
-        logits, cache = model.prefill(ids[:, :3])
-        assert_close(logits, full[:, 2], 1e-5, "prefill")
-        logits, cache = model.prefill(ids[:, 3:6], cache)
-        assert_close(logits, full[:, 5], 1e-5, "prefill from a cache")
+        cache = model.init_cache(2)
+        assert_close(model(ids[:, :3], cache=cache), full[:, :3], 1e-5, "prefill")
+        assert_close(model(ids[:, 3:6], cache=cache), full[:, 3:6], 1e-5, "prefill from a cache")
         for t in range(6, 11):
             logits, cache = model.step(ids[:, t], cache)
             assert_close(logits, full[:, t], 1e-5, f"step {t}")
@@ -374,7 +431,7 @@ def test_optimizer_groups_and_schedule(monkeypatch):
     names = {id(p): n for n, p in model.named_parameters()}
     for optimizer in ("muon", "adamw"):
         monkeypatch.setattr(tm, "OPTIMIZER", optimizer)
-        made = tm.make_optimizer(model, torch.device("cpu"))
+        made = tm.Optimizer(model, torch.device("cpu"))
         assert len(made.param_groups) == 3
         embedding, = (g for g in made.param_groups if g["params"][0] is model.embed.weight)
         matrices, = (g for g in made.param_groups if g is not embedding and g["weight_decay"] > 0)
@@ -386,9 +443,9 @@ def test_optimizer_groups_and_schedule(monkeypatch):
         assert scalars["weight_decay"] == 0
         for no_decay in ("A_log", "dt_bias", ".D", "norm_weight", "norm.weight", "conv.bias", "conv.weight"):
             assert any(names[id(p)].endswith(no_decay) for p in scalars["params"]), no_decay
-        by_muon = [p for o in getattr(made, "optimizers", [made]) if isinstance(o, tm.Muon) for g in o.param_groups
-                   for p in g["params"]]
+        by_muon = made.muon["params"] if made.muon else []
         assert by_muon == (matrices["params"] if optimizer == "muon" else [])
+        assert not {id(p) for p in by_muon} & {id(p) for g in made.adamw.param_groups for p in g["params"]}
     assert tm.lr_multiplier(1.0 - tm.WARMDOWN_RATIO) == 1.0
     assert tm.lr_multiplier(1.0) == pytest.approx(tm.FINAL_LR_FRAC)
     monkeypatch.setattr(tm, "WARMUP_RATIO", 0.0)
@@ -456,7 +513,7 @@ def test_training_steps_match_mlx_script(name, optimizer, monkeypatch):
         row = rng.randint(0, 64, (2, 21)).astype(np.int32)
         batches.append((row[:, :-1].copy(), row[:, 1:].copy(), 0))
     mlx_step = mlx_script.make_training_step(mlx_model, mlx_script.Optimizer(mlx_model), grad_accum)
-    torch_step = tm.make_training_step(torch_model, tm.make_optimizer(torch_model, torch.device("cpu")), grad_accum,
+    torch_step = tm.make_training_step(torch_model, tm.Optimizer(torch_model, torch.device("cpu")), grad_accum,
                                        torch.device("cpu"), compile_model=False)
     mlx_batches, torch_batches = iter(batches), iter(batches)  # neither step fetches beyond its own micro-batches
     for i in range(steps):
@@ -508,14 +565,14 @@ def test_fused_check_accepts_a_match_and_rejects_a_mismatch():
     problem = tm._random_scan_problem("siso", config, 1, 12, torch.device("cpu"), torch.float32)
 
     def same(**kw):
-        return tm.mamba3_siso_scan(**kw)[0]
+        return tm.mamba3_scan(**kw)[0]
 
     def swapped_gate(**kw):
-        return tm.mamba3_siso_scan(**dict(kw, Trap=-kw["Trap"]))[0]
+        return tm.mamba3_scan(**dict(kw, Trap=-kw["Trap"]))[0]
 
-    ok, detail = tm.fused_matches_pure(same, tm.mamba3_siso_scan, problem, config.chunk_size)
+    ok, detail = tm.fused_matches_pure(same, tm.mamba3_scan, problem, config.chunk_size)
     assert ok, detail
-    ok, detail = tm.fused_matches_pure(swapped_gate, tm.mamba3_siso_scan, problem, config.chunk_size)
+    ok, detail = tm.fused_matches_pure(swapped_gate, tm.mamba3_scan, problem, config.chunk_size)
     assert not ok, detail
     assert tm.choose_scan_backend(config, torch.device("cpu")) == "torch" and not tm.FUSED
 
