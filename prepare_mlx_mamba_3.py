@@ -33,11 +33,11 @@ SCRIPTS = ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")  # also t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Preparing the cache, in the order it is built: data, tokenizer, validation rows.
+# Preparing the cache, in the order it is built: data, tokenizer, validation rows, holdout rows.
 
 
 def prepare_cache(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
-    """Make the cache ready: data shards, tokenizer, validation rows. Idempotent: each finished step is skipped."""
+    """Make the cache ready: data shards, tokenizer, validation and holdout rows. Idempotent: each finished step is skipped."""
     print(prepare.harness_line())
     t0 = time.time()
     if data_dir is not None:
@@ -77,6 +77,15 @@ def prepare_cache(num_shards=None, download_workers=8, data_dir=None, endpoint=N
     status = "cached" if existed else f"built in {time.time() - t:.1f}s"
     print(f"eval: {rows.shape[0]} validation rows x {prepare.MAX_SEQ_LEN} tokens ({status}) -> "
           f"{prepare.val_rows_path()}")
+    t, path = time.time(), prepare.val_rows_path("holdout")
+    existed = prepare._val_rows_problem(path, (0, prepare.HOLDOUT_ROWS)) is None
+    rows = prepare.load_holdout_rows()
+    status = "present" if existed else f"built in {time.time() - t:.1f}s"
+    if len(rows):
+        print(f"eval: {len(rows)} holdout rows x {prepare.MAX_SEQ_LEN} tokens from validation documents the validation "
+              f"rows do not use ({status}) -> {path}; each run records its score in {prepare.HOLDOUT_PATH}")
+    else:
+        print(f"eval: no holdout rows ({status}: the validation shard is too short, see above) -> {path}")
     print(f"ready in {time.time() - t0:.1f}s; cache: {prepare.CACHE_DIR}")
 
 
