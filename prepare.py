@@ -17,7 +17,7 @@ What a training script calls:
     step_midpoint(training_time, step_times)   a step runs while this is before TIME_BUDGET; the schedule reads it
     warn_if_evaluation_is_long(step_times, tokens_per_step), check_loss(loss, step), ProgressLine(interval)
     evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness; then
-                                       the sealed holdout, recorded in the cache's holdout.tsv for the human only
+                                       the sealed holdout, recorded in the cache's holdout/ for the human only
     peak_flops(device, dtype)          (FLOP/s, source) for MFU: datasheet, else the calibrated matmul rate
     print_summary(fields, trained_tokens, dist)  the summary, then world_size, machine_speed, budget_check, harness
 
@@ -29,7 +29,7 @@ The rules, each visible in the summary:
     - machine_speed: the probe before and after, against the fastest probe this machine has shown (1.00 = as fast; a
       faster run raises the reference first); below 0.90 a `warning:` line: rerun instead of deciding.
 The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json,
-machine_speed.json, holdout.tsv (not the agent's to read).
+machine_speed.json, holdout/ (the sealed holdout's rows and records: not the agent's to read).
 """
 
 import ast
@@ -710,7 +710,8 @@ def warn_if_evaluation_is_long(step_times, tokens_per_step, forward_speedup=2.5)
 # HOLDOUT_PATH (beside the commit and val_bpb): no run prints it, so none can be tuned to it.
 
 HOLDOUT_ROWS = max(1, EVAL_TOKENS // MAX_SEQ_LEN // 4)  # a quarter of the validation rows: evaluation takes 1.25x
-HOLDOUT_PATH = os.path.join(CACHE_DIR, "holdout.tsv")
+HOLDOUT_DIR = os.path.join(CACHE_DIR, "holdout")  # the rows and the records, apart from eval/: not the agent's
+HOLDOUT_PATH = os.path.join(HOLDOUT_DIR, "holdout.tsv")
 HOLDOUT_COLUMNS = ("timestamp", "commit", "tree", "val_bpb", "holdout_bpb", "harness")
 
 
@@ -722,7 +723,8 @@ def val_rows_path(kind="val"):
     val_id = shard_digest(val_name)[:8] if os.path.exists(os.path.join(DATA_DIR, val_name)) else "noval"
     code_id = _file_digest(os.path.abspath(__file__), 6)
     held = f"_H{HOLDOUT_ROWS * MAX_SEQ_LEN}" if kind == "holdout" else ""
-    return os.path.join(EVAL_DIR, f"{kind}_{tokenizer_id}_{val_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}{held}.npy")
+    name = f"{kind}_{tokenizer_id}_{val_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}{held}.npy"
+    return os.path.join(EVAL_DIR if kind == "val" else HOLDOUT_DIR, name)
 
 
 def _val_rows_problem(path, n_rows=None):
@@ -898,7 +900,7 @@ def record_holdout(val_bpb, holdout_bpb, harness):
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     row = "\t".join([when, commit, tree, f"{val_bpb:.6f}", f"{holdout_bpb:.6f}", harness]) + "\n"
     try:
-        os.makedirs(CACHE_DIR, exist_ok=True)
+        os.makedirs(HOLDOUT_DIR, exist_ok=True)
         with open(HOLDOUT_PATH + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = open(HOLDOUT_PATH).read() if os.path.exists(HOLDOUT_PATH) else "\t".join(HOLDOUT_COLUMNS) + "\n"
