@@ -13,7 +13,7 @@ What a training script calls:
     check_hyperparameters(section, [(NAME, ok, message), ...]), positive(...), one_of(...): one-line errors first
     Tokenizer.from_directory()         the BPE tokenizer (VOCAB_SIZE tokens, BOS before every document)
     make_dataloader(tokenizer, B, T, "train", rank, world_size)  endless packed (inputs, targets, epoch), int32 [B, T]
-    probe_machine_speed(dist)          times a fixed probe before the loop (outside the budget)
+    probe_machine_speed(dist)          before the loop: step_midpoint then probes the machine between steps
     step_midpoint(training_time, step_times)   a step runs while this is before TIME_BUDGET; the schedule reads it
     warn_if_evaluation_is_long(step_times, tokens_per_step), check_loss(loss, step), ProgressLine(interval)
     evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness; then
@@ -26,13 +26,14 @@ The rules, each visible in the summary:
     - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on.
     - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation and
       holdout rows and the number of processes: only runs with the same fingerprint are comparable.
-    - machine_speed: the probe before and after, against the fastest probe this machine has shown (1.00 = as fast; a
-      faster run raises the reference first); below 0.90 a `warning:` line: rerun instead of deciding.
+    - machine_speed: a fixed probe every few seconds between training steps (outside the budget), its mean speed
+      against this machine's reference (1.00 = as fast; runs never move it); below 0.90 a `warning:` line.
 The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json,
 machine_speed.json, holdout/ (the sealed holdout's rows and records: not the agent's to read).
 """
 
 import ast
+import collections
 import ctypes
 import errno
 import glob
@@ -641,18 +642,24 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 # ---------------------------------------------------------------------------------------------------------------------
 # The training loop's helpers.
 
-PROBE_TIMES = {}  # "start", "end": this run's median probe seconds (see machine_speed)
+PROBE_EVERY = 3.0  # wall-clock seconds between machine-speed probes while training (a probe: ~1% of that on a CPU)
+SPEED_PROBES = []  # seconds of each probe this run took between its training steps (see machine_speed)
+_probe = {"run": None, "next": 0.0}
 
 
-def probe_machine_speed(dist=SINGLE_PROCESS, when="start"):
-    """Before the loop, and from print_summary. Not in a data-parallel run, whose ranks would time each other."""
+def probe_machine_speed(dist=SINGLE_PROCESS):
+    """Before the loop: arms the probes that step_midpoint runs between steps, every PROBE_EVERY seconds, outside the
+    budget clock. Not in a data-parallel run, whose ranks would time each other."""
     if dist.world_size == 1:
-        PROBE_TIMES[when] = probe_seconds(_backend())
+        _probe["run"], _probe["next"] = probe_call(_backend()), 0.0
 
 
 def step_midpoint(training_time, step_times, window=5):
     """Where the next step's middle will fall on the training clock. Running a step only while this is before
-    TIME_BUDGET ends a run at the step end nearest to the budget."""
+    TIME_BUDGET ends a run at the step end nearest to the budget. Between timed steps, the machine-speed probe."""
+    if _probe["run"] and step_times and time.monotonic() >= _probe["next"]:
+        SPEED_PROBES.append(_probe["run"]())
+        _probe["next"] = time.monotonic() + PROBE_EVERY
     return training_time + (float(np.median(step_times[-window:])) / 2 if step_times else 0.0)
 
 
@@ -992,7 +999,6 @@ def peak_flops(device_name, dtype, backend="mlx"):
 def print_summary(fields, trained_tokens=None, dist=SINGLE_PROCESS):
     """`---`, then `key: value` lines the agent greps (a machine_speed warning before `---`). Every rank calls it."""
     check = budget_check(trained_tokens, dist)
-    probe_machine_speed(dist, "end")
     speed, warning = machine_speed()
     if warning:
         print(warning)
@@ -1024,32 +1030,38 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
             f"{trained_tokens:,} ({where})")
 
 
-# Machine speed: a fixed probe (a 1024 x 1024 matmul and 2^22 exps: a step's BLAS and element-wise work) before and
-# after, against the fastest probe this machine has shown: a throttling laptop or a busy neighbour shows. Load only
-# slows a probe, so it never lowers the reference: a calibration taken under load is repaired by the first quiet run.
-SLOW_MACHINE = 0.9
+# Machine speed: a fixed probe (a matmul and exps: a step's BLAS and element-wise work) between training steps at a
+# steady cadence, against this machine's reference. At a fixed budget the steps a run gets follow the mean speed over
+# its training time; a run never moves the reference (one yardstick a night), --calibrate on a quiet machine sets it.
+SLOW_MACHINE = 0.9  # below this mean speed a run lost a tenth of its steps to the machine: `warning:`
+FAST_MACHINE = 1.05  # above it the reference was taken on a slower (busier) machine: a `note:`
 
 
 def machine_speed():
-    """(summary value, warning line or None)."""
-    if "start" not in PROBE_TIMES or "end" not in PROBE_TIMES:
+    """(summary value, warning or note line or None): the mean over this run's probes of reference / probe seconds."""
+    if not SPEED_PROBES:
         return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
-    key, best = probe_key(_backend()), min(PROBE_TIMES["start"], PROBE_TIMES["end"])
-    try:
-        before = raise_probe_reference(key, best)
-        note = ("; reference started by this run" if before is None else
-                f"; reference raised by this run from {1000 * before:.1f} ms" if best < before else "")
-    except OSError as e:  # a read-only or full cache: the summary still comes, scored against what is recorded
-        before = probe_reference(key)
-        note = f"; reference not saved: {e.strerror or e}"
-    reference = best if before is None else min(before, best)
-    start, end = (reference / PROBE_TIMES[when] for when in ("start", "end"))
-    value = f"{(start + end) / 2:.2f} (start {start:.2f}, end {end:.2f}{note})"
-    if min(start, end) >= SLOW_MACHINE:
-        return value, None
-    return value, (f"warning: the machine ran {1 - min(start, end):.0%} slower than its reference, the fastest probe "
-                   f"it has shown ({1000 * reference:.1f} ms; machine_speed start {start:.2f}, end {end:.2f}): this "
-                   f"val_bpb is not comparable; rerun before deciding")
+    key, times = probe_key(_backend()), np.array(SPEED_PROBES)
+    reference, note = probe_reference(key), ""
+    if reference is None:  # the first run here starts it with a typical fast probe (a lucky one would skew the night)
+        reference, note = float(np.percentile(times, 25)), "; reference started by this run"
+        try:
+            raise_probe_reference(key, reference)
+        except OSError as e:  # a read-only or full cache: the summary still comes
+            note = f"; reference not saved: {e.strerror or e}"
+    speeds = reference / times
+    speed = float(speeds.mean())
+    value = (f"{speed:.2f} ({len(times)} probes over the training time, slowest {speeds.min():.2f}; reference "
+             f"{1000 * reference:.1f} ms{note})")
+    if speed < SLOW_MACHINE:
+        return value, (f"warning: the machine ran {1 - speed:.0%} slower than its reference ({1000 * reference:.1f} ms "
+                       f"probe) over this run's training time: it lost steps to the machine, so this val_bpb is not "
+                       f"comparable; rerun before deciding")
+    if speed > FAST_MACHINE:
+        return value, (f"note: the machine ran {speed - 1:.0%} faster than its reference, which was taken on a busier "
+                       f"machine; the night's runs share it, so they compare; `{CALIBRATE_COMMAND}` on a quiet "
+                       f"machine resets it between nights")
+    return value, None
 
 
 HARNESS_FILES = ("prepare.py", "prepare_mlx_mamba_3.py")
@@ -1207,7 +1219,7 @@ def _timed_calls(run, seconds, at_least=1):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The machine-speed probe (the rule: machine_speed). The reference is the faster of calibration.json's probe and
-# machine_speed.json's, which runs raise.
+# machine_speed.json's, which only the first run on a machine without a calibration writes.
 
 
 def _backend():
@@ -1224,23 +1236,40 @@ def probe_device_name(backend):
     return mx.device_info().get("device_name", str(mx.default_device()))
 
 
-def probe_seconds(backend, seconds=0.5):
-    """Median seconds of the probe over about `seconds` (at least 5 repeats; the median of 5 spread 4% on a quiet
-    2-core VM, a smaller probe 7-15%)."""
+def probe_call(backend):
+    """A function that runs the probe once and returns its seconds: a 1024 x 1024 matmul and 2^20 exps (~30 ms on a
+    2-core CPU), timed after the device has finished earlier work. Its own random key: the run's stream is untouched."""
     if backend == "torch":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        gen = torch.Generator(device).manual_seed(0)  # its own generator: the run's random stream is untouched
-        a, b = (torch.randn(shape, device=device, generator=gen) for shape in ((1024, 1024), (1 << 22,)))
-        run = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
+        gen = torch.Generator(device).manual_seed(0)
+        a, b = (torch.randn(shape, device=device, generator=gen) for shape in ((1024, 1024), (1 << 20,)))
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        work = lambda: ((a @ a).sum() + b.exp().sum()).item()  # noqa: E731
     else:
         import mlx.core as mx
 
-        key = mx.random.key(0)  # its own key: the run's random stream is untouched
-        a, b = mx.random.normal((1024, 1024), key=key), mx.random.normal((1 << 22,), key=key)
-        run = lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
-    return float(np.median(_timed_calls(run, seconds, 5)))
+        key = mx.random.key(0)
+        a, b = mx.random.normal((1024, 1024), key=key), mx.random.normal((1 << 20,), key=key)
+        sync, work = mx.synchronize, lambda: mx.eval(a @ a, mx.exp(b))  # noqa: E731
+
+    def timed():
+        sync()
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    timed()  # warm-up: allocation and first-call costs
+    return timed
+
+
+def probe_seconds(backend, seconds=0.5):
+    """Median seconds of the probe over about `seconds` (at least 5 calls)."""
+    timed, times, start = probe_call(backend), [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        times.append(timed())
+    return float(np.median(times))
 
 
 def machine_speed_path():
@@ -1248,7 +1277,7 @@ def machine_speed_path():
 
 
 def probe_key(backend):
-    return calibration_key("probe", backend, probe_device_name(backend))
+    return calibration_key("speed-probe", backend, probe_device_name(backend))
 
 
 def probe_reference(key):
@@ -1311,3 +1340,245 @@ def write_constants(path, values):
     if changed:
         _write_atomic(path, lambda f: f.write("".join(lines)), mode="w")
     return changed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The keep rule of program.md (*Deciding*), computed from results.tsv: `uv run prepare.py log run.log "what changed"`
+# appends a run and decides it; `uv run prepare.py decide` decides the latest row again.
+
+RESULTS_COLUMNS = ("commit", "val_bpb", "memory_gb", "num_steps", "machine_speed", "status", "description")
+STATUSES = ("keep", "discard", "crash", "rerun")
+Result = collections.namedtuple("Result", RESULTS_COLUMNS)
+
+
+def read_results(path="results.tsv"):
+    """The rows of results.tsv as Results (num_steps and machine_speed None where the log has no such column)."""
+    try:
+        with open(path) as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise HarnessError(f"Cannot read {path}: {e.strerror}. Start it as program.md's setup says.") from None
+    header = lines[0].split("\t") if lines else []
+    if not {"commit", "val_bpb", "status", "description"} <= set(header):
+        raise HarnessError(f"{path}: the first line must be the header {chr(9).join(RESULTS_COLUMNS)!r} "
+                           "(tab-separated).")
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        cells = dict(zip(header, line.split("\t")))
+        try:
+            steps, speed = cells.get("num_steps", "").strip(), cells.get("machine_speed", "").strip().split(" ")[0]
+            row = Result(cells["commit"].strip(), float(cells["val_bpb"]), float(cells.get("memory_gb") or 0),
+                         int(steps) if steps not in ("", "-") else None,
+                         float(speed) if speed not in ("", "-", "n/a") else None,
+                         cells["status"].strip(), cells.get("description", "").strip())
+        except (KeyError, ValueError) as e:
+            raise HarnessError(f"{path} line {number}: cannot read {line!r} ({_first_line(e)}); every row has the "
+                               f"header's {len(header)} tab-separated fields.") from None
+        if row.status not in STATUSES:
+            raise HarnessError(f"{path} line {number}: status {row.status!r} must be one of {', '.join(STATUSES)}.")
+        rows.append(row)
+    return rows
+
+
+def counted(row):
+    """A run the arithmetic uses: not a crash, and not one the machine slowed (its `warning:`)."""
+    return row.status != "crash" and (row.machine_speed is None or row.machine_speed >= SLOW_MACHINE)
+
+
+def speed_slope(rows):
+    """d val_bpb / d ln(machine_speed) within commits (a least-squares line through each commit's runs, one slope for
+    all): at a fixed budget a slower machine trains fewer steps. None until 4 degrees of freedom say it is negative."""
+    by_commit = _runs_by_commit(rows, lambda r: counted(r) and r.machine_speed is not None)
+    xy = [(math.log(r.machine_speed), r.val_bpb, runs) for runs in by_commit.values() if len(runs) > 1 for r in runs]
+    centred = [(x - np.mean([math.log(r.machine_speed) for r in runs]), y - np.mean([r.val_bpb for r in runs]))
+               for x, y, runs in xy]
+    dof = sum(len(runs) - 1 for runs in by_commit.values() if len(runs) > 1) - 1
+    sxx = sum(x * x for x, _ in centred)
+    if dof < 4 or sxx < 1e-6:
+        return None
+    slope = sum(x * y for x, y in centred) / sxx
+    return slope if slope < 0 else None
+
+
+def adjusted(row, slope):
+    """val_bpb as at machine_speed 1.00 (the reference), by the within-commit slope."""
+    if slope is None or row.machine_speed is None:
+        return row.val_bpb
+    return row.val_bpb - slope * math.log(row.machine_speed)
+
+
+def _runs_by_commit(rows, keep=counted):
+    by_commit = {}
+    for row in rows:
+        if keep(row):
+            by_commit.setdefault(row.commit, []).append(row)
+    return by_commit
+
+
+def pooled_noise(rows, slope=None):
+    """The pooled sample standard deviation of the counted runs of each commit around its mean (values adjusted by
+    `slope` when given; the slope then costs one degree of freedom). None before any commit has two counted runs."""
+    groups = [[adjusted(r, slope) for r in runs] for runs in _runs_by_commit(rows).values() if len(runs) > 1]
+    dof = sum(len(g) - 1 for g in groups) - (slope is not None)
+    if dof < 1:
+        return None
+    return math.sqrt(sum(float(np.sum((np.array(g) - np.mean(g)) ** 2)) for g in groups) / dof)
+
+
+def keep_rule(rows):
+    """Program.md's *Deciding* on `rows` (results.tsv in order): a dict with noise, best, its runs, the bounds for one
+    and two runs, and the verdict for the latest row's commit with its reason."""
+    if not rows:
+        raise HarnessError("results.tsv has no runs yet: run the baseline and log it first.")
+    slope = speed_slope(rows)
+    noise = pooled_noise(rows, slope)
+    by_commit = _runs_by_commit(rows)
+    firsts = {}
+    for row in rows:
+        firsts.setdefault(row.commit, row)
+    keeps = [c for c, first in firsts.items() if first.status == "keep"]
+    baseline = next(iter(firsts))
+    best = keeps[-1] if keeps else baseline
+    best_runs = [adjusted(r, slope) for r in by_commit.get(best, [])]
+    best_mean = float(np.mean(best_runs)) if best_runs else None
+    bound = lambda n: best_mean - 2 * noise * math.sqrt(1 / n + 1 / len(best_runs))  # noqa: E731
+    state = {"noise": noise, "raw_noise": pooled_noise(rows), "slope": slope, "best": best, "best_runs": best_runs,
+             "best_mean": best_mean, "bound_1": None, "bound_2": None, "commit": rows[-1].commit}
+    if noise is not None and best_runs:
+        state["bound_1"], state["bound_2"] = bound(1), bound(2)
+    latest = rows[-1]
+    runs = [adjusted(r, slope) for r in by_commit.get(latest.commit, [])]
+    mean = float(np.mean(runs)) if runs else None
+    state["runs"], state["mean"] = runs, mean
+
+    def verdict(word, reason):
+        return {**state, "verdict": word, "reason": reason}
+
+    if latest.status == "crash":
+        return verdict("crash", "no val_bpb: fix a slip in your own change and rerun (twice at most), else revert")
+    if not counted(latest):
+        return verdict("machine moved: rerun", f"machine_speed {latest.machine_speed:.2f} < {SLOW_MACHINE:.2f}: the "
+                       "machine, not the change, took steps from this run; it is left out of the arithmetic")
+    if latest.commit == baseline and len(runs) < 3:
+        return verdict("rerun", f"the baseline has {len(runs)} counted run(s) of 3")
+    if noise is None:
+        return verdict("rerun", "no noise yet: rerun the baseline until one commit has two counted runs")
+    if latest.commit == best:
+        return verdict("best", f"best is the mean of its {len(runs)} counted runs")
+    if firsts[latest.commit].status == "keep" or latest.description.startswith("final"):
+        return verdict("recorded", "a rerun of an earlier commit: it moves noise, not best")
+    n = len(runs)
+    if mean < bound(n):
+        return verdict("keep", f"mean {mean:.6f} of {n} run(s) < the bound {bound(n):.6f}")
+    if n == 1 and mean < best_mean:
+        return verdict("rerun", f"{mean:.6f} is between the bound {bound(1):.6f} and best {best_mean:.6f}: run it "
+                       "once more and decide on the mean of two")
+    return verdict("discard", f"mean {mean:.6f} of {n} run(s) is not below the bound {bound(n):.6f}")
+
+
+SUMMARY_KEYS = ("val_bpb", "peak_memory_mb", "num_steps", "machine_speed", "budget_check", "total_seconds")
+
+
+def read_summary(log_path):
+    """The `key: value` lines after a run log's last `---` ({} for a run that crashed before its summary), and its
+    `warning:` lines."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise HarnessError(f"Cannot read the run log {log_path}: {e.strerror}. Give the file the run wrote.") from None
+    start = max((i for i, line in enumerate(lines) if line == "---"), default=None)
+    summary = {}
+    for line in lines[start + 1 :] if start is not None else []:
+        key, _, value = line.partition(": ")
+        summary[key] = value
+    return summary, [line for line in lines if line.startswith("warning:")]
+
+
+def log_run(log_path, description, path="results.tsv", commit=None):
+    """Append the run in `log_path` (the commit checked out now) to results.tsv, decide it, and write the commit's
+    first row's status as the verdict says. Returns keep_rule's dict."""
+    import subprocess
+
+    if commit is None:
+        done = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+        if done.returncode:
+            raise HarnessError("Not in a git repository: run this from the repository the experiment committed to.")
+        commit = done.stdout.strip()
+    if "\t" in description or "\n" in description:
+        raise HarnessError("The description must be one line without tabs.")
+    rows = read_results(path) if os.path.exists(path) else []
+    summary, _ = read_summary(log_path)
+    first = not any(row.commit == commit for row in rows)
+    if "val_bpb" not in summary:
+        status, values = ("crash" if first else "rerun"), (0.0, 0.0, None, None)
+        if not first:
+            raise HarnessError(f"{log_path} has no summary: a rerun of {commit} crashed; fix the cause and rerun it.")
+    else:
+        speed = summary.get("machine_speed", "").split(" ")[0]
+        values = (float(summary["val_bpb"]), round(float(summary.get("peak_memory_mb", 0)) / 1024, 1),
+                  int(summary["num_steps"]), float(speed) if speed not in ("", "n/a") else None)
+        status = ("keep" if not rows else "discard") if first else "rerun"
+        if summary.get("budget_check", "ok") != "ok":
+            status, description = ("discard" if first else "rerun"), f"{description} (budget_check failed)"
+    if not description:
+        description = f"rerun of {next(r for r in rows if r.commit == commit).description}"
+    row = Result(commit, *values, status, description)
+    rows.append(row)
+    decision = keep_rule(rows)
+    if decision["verdict"] in ("keep", "discard") and not row.description.endswith("(budget_check failed)"):
+        rows = [r._replace(status=decision["verdict"]) if r.commit == commit and r.status in ("keep", "discard")
+                else r for r in rows]
+    elif row.description.endswith("(budget_check failed)"):
+        decision = {**decision, "verdict": "discard", "reason": "budget_check failed: never a win"}
+
+    def write(f):
+        f.write("\t".join(RESULTS_COLUMNS) + "\n")
+        for r in rows:
+            steps = "" if r.num_steps is None else str(r.num_steps)
+            speed = "" if r.machine_speed is None else f"{r.machine_speed:.2f}"
+            cells = (r.commit, f"{r.val_bpb:.6f}", f"{r.memory_gb:.1f}", steps, speed, r.status, r.description)
+            f.write("\t".join(cells) + "\n")
+
+    _write_atomic(path, write, mode="w")
+    if "total_seconds" in summary and rows[0].commit == commit:
+        decision["timeout"] = math.ceil(2 * float(summary["total_seconds"]) / 60) * 60
+    return decision
+
+
+def describe_decision(rows, decision):
+    """The lines `uv run prepare.py decide` prints."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.6f}"  # noqa: E731
+    left_out = [r for r in rows if not counted(r)]
+    out = [f"results: {len(rows)} runs, {len(rows) - len(left_out)} counted"
+           + (f" ({len(left_out)} left out: crashes and slowed machines)" if left_out else "")]
+    if decision["slope"] is not None:
+        out.append(f"noise: {fmt(decision['noise'])} (each run taken to machine_speed 1.00 by the within-commit slope "
+                   f"{decision['slope']:.3f} bpb per ln speed; unadjusted {fmt(decision['raw_noise'])})")
+    else:
+        out.append(f"noise: {fmt(decision['noise'])}")
+    runs = ", ".join(f"{x:.6f}" for x in decision["best_runs"])
+    out.append(f"best: {decision['best']}, mean {fmt(decision['best_mean'])} of {len(decision['best_runs'])} runs "
+               f"({runs})")
+    out.append(f"bound: one run wins below {fmt(decision['bound_1'])}, the mean of two below "
+               f"{fmt(decision['bound_2'])}")
+    mean = "no counted run"
+    if decision["runs"]:
+        mean = f"mean {fmt(decision['mean'])} of {len(decision['runs'])} counted run(s)"
+    out.append(f"latest: {decision['commit']} ({mean})")
+    out.append(f"verdict: {decision['verdict']} ({decision['reason']})")
+    if decision.get("timeout"):
+        out.append(f"timeout for every run: {decision['timeout']} s (twice this baseline's total_seconds)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    usage = "usage: uv run prepare.py log RUN_LOG \"what changed\" | uv run prepare.py decide  (reads results.tsv)"
+    args = sys.argv[1:]
+    if args[:1] == ["log"] and len(args) in (2, 3):
+        decision = log_run(args[1], args[2] if len(args) == 3 else "")
+    elif args == ["decide"]:
+        decision = keep_rule(read_results())
+    else:
+        raise HarnessError(usage)
+    print(describe_decision(read_results(), decision))

@@ -16,16 +16,16 @@ SMOKE_MAMBA = os.path.join(SMOKE_SCRIPTS, "train_mamba_3_mlx.py")
 
 
 def test_machine_speed_against_the_calibrated_probe(monkeypatch, tmp_path):
-    """The calibrated probe is a reference like any other (tests/test_machine_speed.py: the rest of the rule)."""
+    """The calibrated probe is the reference (tests/test_machine_speed.py: the rest of the rule)."""
     monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
-    prepare.record_calibration({prepare.calibration_key("probe", "mlx", prepare.probe_device_name("mlx")): 0.1})
-    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.100, "end": 0.125})
+    prepare.record_calibration({prepare.probe_key("mlx"): 0.1})
+    monkeypatch.setattr(prepare, "SPEED_PROBES", [0.100, 0.125])
     value, warning = prepare.machine_speed()
-    assert value == "0.90 (start 1.00, end 0.80)"
+    assert value == "0.90 (2 probes over the training time, slowest 0.80; reference 100.0 ms)" and warning is None
+    monkeypatch.setattr(prepare, "SPEED_PROBES", [0.125, 0.125])
+    value, warning = prepare.machine_speed()
     assert warning.startswith("warning: the machine ran 20% slower than its reference")
-    monkeypatch.setattr(prepare, "PROBE_TIMES", {"start": 0.095, "end": 0.105})  # faster than calibrated: raises it
-    assert prepare.machine_speed() == ("0.95 (start 1.00, end 0.90; reference raised by this run from 100.0 ms)", None)
-    monkeypatch.setattr(prepare, "PROBE_TIMES", {"end": 0.1})  # a data-parallel run, or no start probe
+    monkeypatch.setattr(prepare, "SPEED_PROBES", [])  # a data-parallel run, or no call to probe_machine_speed
     assert prepare.machine_speed()[0].startswith("n/a")
 
 
@@ -60,8 +60,8 @@ def run(args, cache, preset=None):
 
 
 def test_a_loaded_machine_prints_the_warning(cache_copy):
-    calibrated = run(["-c", "import prepare; prepare.record_calibration({prepare.calibration_key('probe', 'mlx', "
-                            "prepare.probe_device_name('mlx')): prepare.probe_seconds('mlx')})"], cache_copy)
+    calibrated = run(["-c", "import prepare; prepare.record_calibration({prepare.probe_key('mlx'): "
+                            "prepare.probe_seconds('mlx')})"], cache_copy)
     assert calibrated.returncode == 0, calibrated.stderr
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
     try:
@@ -101,4 +101,4 @@ def test_calibrate_measures_every_architecture_and_records_the_machine(cache_cop
         assert fits in ("yes", "NO")
     assert any(line.startswith("fits: preset smoke") for line in out)
     recorded = json.load(open(cache_copy / "calibration.json"))
-    assert {key.split("|")[0] for key in recorded} == {"matmul", "probe"}
+    assert {key.split("|")[0] for key in recorded} == {"matmul", "speed-probe"}
