@@ -167,3 +167,21 @@ def test_concurrent_records_are_all_kept(prepared_cache, tmp_path):
     assert len(records) == before + 40
     assert sorted(r["val_bpb"] for r in records[before:]) == sorted([f"{1.0 + i / 1e6:.6f}" for i in range(10)] * 4)
     assert all(r["holdout_bpb"] == "2.000000" and r["harness"] == "x" * 12 for r in records[before:])
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_data_parallel_ranks_record_one_holdout_score_equal_to_one_process(prepared_cache, tmp_path, backend):
+    """tests/distributed_worker.py scores the same initial weights as one process and as two launched ranks: one
+    record per run (rank 0 writes it), with the same val_bpb and holdout_bpb."""
+    from test_distributed import WORKER, launch
+
+    before = len(prepare.read_holdout())
+    for n in (1, 2):
+        (tmp_path / f"out{n}").mkdir()
+        launch(backend, [WORKER, backend, str(tmp_path / f"out{n}")], n=n)
+    records = prepare.read_holdout()[before:]
+    assert len(records) == 2
+    single, ranks = records
+    assert single["val_bpb"] == ranks["val_bpb"]
+    assert float(single["holdout_bpb"]) == pytest.approx(float(ranks["holdout_bpb"]), abs=2e-6)
+    assert single["harness"] != ranks["harness"]  # the fingerprint counts the processes
