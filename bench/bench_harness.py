@@ -135,13 +135,13 @@ def holdout_cost(rounds):
             return prepare._bits_per_byte(val, compiled, scoring, batch, prepare.SINGLE_PROCESS, prepare.ProgressLine())
 
         ways = {"validation only": validation_only, "with holdout": lambda: prepare.evaluate_bpb(compiled, batch)}
-        times = {name: [] for name in ways}
+        times = {name: [] for name in ways}  # (wall, this process's CPU) seconds
         validation_only()  # warm-up: MLX's kernels, the page cache
         for r in range(rounds):
             for name, way in ways.items() if r % 2 == 0 else reversed(ways.items()):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 way()
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu))
         records = prepare.read_holdout()
         assert len(records) == rounds and all(float(r["holdout_bpb"]) > 0 for r in records)
     finally:
@@ -150,12 +150,15 @@ def holdout_cost(rounds):
     print(f"holdout cost, preset {prepare.PRESET_NAME}, {T.ARCHITECTURE} depth {T.DEPTH} d_model {T.D_MODEL}, batch "
           f"{batch}: {len(val)} validation rows + {len(holdout)} holdout rows of {prepare.MAX_SEQ_LEN} tokens, "
           f"{rounds} interleaved rounds (load average {load:.1f})")
-    for name, seconds in times.items():
-        print(f"  {name}: {', '.join(f'{s:.2f}' for s in seconds)} s (median {statistics.median(seconds):.2f})")
-    ratios = [w / v for w, v in zip(times["with holdout"], times["validation only"])]
-    each = ", ".join(f"{x:.3f}" for x in ratios)
-    print(f"  with / without: median {statistics.median(ratios):.3f}x (per round {each}"
-          f"; rows scored {(len(val) + len(holdout)) / len(val):.3f}x)")
+    for clock, k in (("wall", 0), ("CPU", 1)):  # CPU: this process's, less moved by a neighbour's load than wall
+        for name, seconds in times.items():
+            seconds = [s[k] for s in seconds]
+            print(f"  {clock} {name}: {', '.join(f'{s:.2f}' for s in seconds)} s (median "
+                  f"{statistics.median(seconds):.2f})")
+        ratios = [w[k] / v[k] for w, v in zip(times["with holdout"], times["validation only"])]
+        each = ", ".join(f"{x:.3f}" for x in ratios)
+        print(f"  {clock} with / without: median {statistics.median(ratios):.3f}x (per round {each}; rows scored "
+              f"{(len(val) + len(holdout)) / len(val):.3f}x)")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ def test_every_rerun_is_drawn_as_what_it_is_and_best_never_climbs_on_a_candidate
                           "rerun of <change> (a candidate's second run)", "drift check (rerun of best)",
                           "final: baseline (end-of-night rerun)", "final: best (end-of-night rerun)"]
     assert "crash (no score)" in legend and "running best (the mean of best's runs)" in legend
+    assert legend[-1] == "keep flagged: its holdout gain falls short"  # e000005, ringed in red
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
