@@ -1043,8 +1043,8 @@ def machine_speed():
         return "n/a (a data-parallel run, or the script does not call probe_machine_speed)", None
     key, times = probe_key(_backend()), np.array(SPEED_PROBES)
     reference, note = probe_reference(key), ""
-    if reference is None:  # the first run here starts it with a typical fast probe (a lucky one would skew the night)
-        reference, note = float(np.percentile(times, 25)), "; reference started by this run"
+    if reference is None:  # the first run here starts it where that run reads exactly 1.00
+        reference, note = float(1 / np.mean(1 / times)), "; reference started by this run"
         try:
             raise_probe_reference(key, reference)
         except OSError as e:  # a read-only or full cache: the summary still comes
@@ -1465,6 +1465,8 @@ def keep_rule(rows):
         return verdict("rerun", "no noise yet: rerun the baseline until one commit has two counted runs")
     if latest.commit == best:
         return verdict("best", f"best is the mean of its {len(runs)} counted runs")
+    if not best_runs:
+        return verdict("rerun best", f"best ({best}) has no counted run yet: run it once more (a `drift check`)")
     if firsts[latest.commit].status == "keep" or latest.description.startswith("final"):
         return verdict("recorded", "a rerun of an earlier commit: it moves noise, not best")
     n = len(runs)
@@ -1546,6 +1548,18 @@ def log_run(log_path, description, path="results.tsv", commit=None):
     return decision
 
 
+def experiments_since_drift_check(rows):
+    """New commits' first runs since the baseline or the last `drift check` row (reruns do not count)."""
+    seen, count = set(), 0
+    for row in rows:
+        if "drift check" in row.description:
+            count = 0
+        elif row.commit not in seen:
+            count += bool(seen)  # the baseline is not an experiment
+        seen.add(row.commit)
+    return count
+
+
 def describe_decision(rows, decision):
     """The lines `uv run prepare.py decide` prints."""
     fmt = lambda x: "n/a" if x is None else f"{x:.6f}"  # noqa: E731
@@ -1567,6 +1581,9 @@ def describe_decision(rows, decision):
         mean = f"mean {fmt(decision['mean'])} of {len(decision['runs'])} counted run(s)"
     out.append(f"latest: {decision['commit']} ({mean})")
     out.append(f"verdict: {decision['verdict']} ({decision['reason']})")
+    experiments = experiments_since_drift_check(rows)
+    out.append(f"experiments since the last drift check: {experiments}"
+               + (" (due: run the tip unchanged, logged `drift check`)" if experiments >= 10 else ""))
     if decision.get("timeout"):
         out.append(f"timeout for every run: {decision['timeout']} s (twice this baseline's total_seconds)")
     return "\n".join(out)

@@ -22,7 +22,8 @@ def fenced_blocks(text):
 
 def test_readme_is_at_most_20000_bytes():
     size = os.path.getsize(README)
-    assert size <= README_LIMIT, f"README.md is {size:,} bytes, over {README_LIMIT:,}: move measurements to bench/RESULTS.md"
+    assert size <= README_LIMIT, f"README.md is {size:,} bytes, over {README_LIMIT:,}: move measurements to " \
+                                 "bench/RESULTS.md"
 
 
 def test_readme_links_the_results_document_and_it_exists():

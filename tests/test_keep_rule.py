@@ -151,3 +151,13 @@ def test_the_command_prints_the_state_and_the_verdict(tmp_path):
     out = done.stdout
     assert "noise: 0.001303" in out and "best: a1b2c3d, mean 1.412248 of 3 runs" in out
     assert "one run wins below 1.409240" in out and "verdict: keep" in out
+    assert "experiments since the last drift check: 1\n" in out
+
+
+def test_drift_checks_are_due_every_ten_experiments():
+    rows = [prepare.Result("base000", 2.0, 1.0, 100, 1.0, "keep", "baseline")] * 3
+    for i in range(10):
+        rows += [prepare.Result(f"cand{i:03d}", 2.0, 1.0, 100, 1.0, "discard", f"idea {i}")] * (1 + i % 2)  # reruns
+    assert prepare.experiments_since_drift_check(rows) == 10
+    rows.append(prepare.Result("cand009", 2.0, 1.0, 100, 1.0, "rerun", "drift check"))
+    assert prepare.experiments_since_drift_check(rows) == 0
