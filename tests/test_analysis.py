@@ -62,7 +62,8 @@ def run_notebook(tmp_path, log_text, monkeypatch, results_tsv=None, run_logs=Non
     notebook = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
     if extra_cell:
         notebook.cells.append(nbformat.v4.new_code_cell(extra_cell))
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources=resources).execute()
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     return text, png
 
