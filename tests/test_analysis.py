@@ -349,6 +349,7 @@ def test_the_notebook_flags_a_keep_trained_on_the_validation_rows_and_passes_an_
     table = {line.split()[0]: line for line in text.splitlines()[text.splitlines().index(
         next(line for line in text.splitlines() if line.startswith("keeps: "))) + 1:] if line.startswith("  ")}
     values = "\n".join(f"{r[0]} val_bpb {r[1]} steps {r[3]}" for r in rows) + "\n" + text
+    print(values)  # shown with -s: the runs and the notebook's summary
     assert " FLAG: " in table[cheat], values
     assert table[honest].split()[3] == "ok", values
     cheat_gain, cheat_holdout = (float(x) for x in table[cheat].split()[1:3])
