@@ -910,7 +910,10 @@ def record_holdout(val_bpb, holdout_bpb, harness):
         os.makedirs(HOLDOUT_DIR, exist_ok=True)
         with open(HOLDOUT_PATH + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            old = open(HOLDOUT_PATH).read() if os.path.exists(HOLDOUT_PATH) else "\t".join(HOLDOUT_COLUMNS) + "\n"
+            old = "\t".join(HOLDOUT_COLUMNS) + "\n"
+            if os.path.exists(HOLDOUT_PATH):
+                with open(HOLDOUT_PATH) as f:
+                    old = f.read()
             _write_atomic(HOLDOUT_PATH, lambda f: f.write(old + row), mode="w")
     except OSError as e:
         print(f"warning: this run's holdout record was not saved to {HOLDOUT_PATH} ({e.strerror or e})", flush=True)
