@@ -622,6 +622,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
+    _LOADER_QUEUES.append(batches)
     try:
         while True:
             item = batches.get()
@@ -630,6 +631,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
             tokens_served[split] += item[0].size
             yield item
     finally:  # closed or dropped: stop the producer (emptying the queue unblocks its put), give it 10 s to finish
+        _LOADER_QUEUES.remove(batches)
         stop.set()
         deadline = time.time() + 10
         while producer.is_alive() and time.time() < deadline:
@@ -645,6 +647,7 @@ def make_dataloader(tokenizer, batch_size, seq_len, split, prefetch=4, rank=0, w
 PROBE_EVERY = 3.0  # wall-clock seconds between machine-speed probes while training (a probe: ~1% of that on a CPU)
 SPEED_PROBES = []  # seconds of each probe this run took between its training steps (see machine_speed)
 _probe = {"run": None, "next": 0.0}
+_LOADER_QUEUES = []  # a probe waits for these to be full: it times the machine, not the run's own loader thread
 
 
 def probe_machine_speed(dist=SINGLE_PROCESS):
@@ -657,9 +660,11 @@ def probe_machine_speed(dist=SINGLE_PROCESS):
 def step_midpoint(training_time, step_times, window=5):
     """Where the next step's middle will fall on the training clock. Running a step only while this is before
     TIME_BUDGET ends a run at the step end nearest to the budget. Between timed steps, the machine-speed probe."""
-    if _probe["run"] and step_times and time.monotonic() >= _probe["next"]:
-        SPEED_PROBES.append(_probe["run"]())
-        _probe["next"] = time.monotonic() + PROBE_EVERY
+    now = time.monotonic()
+    if _probe["run"] and step_times and now >= _probe["next"]:
+        if all(q.full() for q in _LOADER_QUEUES) or now >= _probe["next"] + PROBE_EVERY:  # a loader that cannot rest
+            SPEED_PROBES.append(_probe["run"]())
+            _probe["next"] = time.monotonic() + PROBE_EVERY
     return training_time + (float(np.median(step_times[-window:])) / 2 if step_times else 0.0)
 
 
@@ -1035,9 +1040,9 @@ def budget_check(trained_tokens, dist=SINGLE_PROCESS):
 
 # Machine speed: a fixed probe (a matmul and exps: a step's BLAS and element-wise work) between training steps at a
 # steady cadence, against this machine's reference. At a fixed budget the steps a run gets follow the mean speed over
-# its training time; a run never moves the reference (one yardstick a night), --calibrate on a quiet machine sets it.
+# its training time; a run never moves the reference (one yardstick a night): --calibrate on a quiet machine sets it.
 SLOW_MACHINE = 0.9  # below this mean speed a run lost a tenth of its steps to the machine: `warning:`
-FAST_MACHINE = 1.05  # above it the reference was taken on a slower (busier) machine: a `note:`
+FAST_MACHINE = 1.1  # above it the reference was taken on a slower (busier) machine: a `note:`
 
 
 def machine_speed():
@@ -1049,7 +1054,7 @@ def machine_speed():
     if reference is None:  # the first run here starts it where that run reads exactly 1.00
         reference, note = float(1 / np.mean(1 / times)), "; reference started by this run"
         try:
-            raise_probe_reference(key, reference)
+            set_probe_reference(key, reference)
         except OSError as e:  # a read-only or full cache: the summary still comes
             note = f"; reference not saved: {e.strerror or e}"
     speeds = reference / times
@@ -1221,8 +1226,8 @@ def _timed_calls(run, seconds, at_least=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The machine-speed probe (the rule: machine_speed). The reference is the faster of calibration.json's probe and
-# machine_speed.json's, which only the first run on a machine without a calibration writes.
+# The machine-speed probe (the rule: machine_speed). The reference, in machine_speed.json, is set by --calibrate from
+# its runs' probes, or started by the first run on a machine that has none.
 
 
 def _backend():
@@ -1284,13 +1289,13 @@ def probe_key(backend):
 
 
 def probe_reference(key):
-    figures = [read_calibration(path).get(key) for path in (CALIBRATION_PATH, machine_speed_path())]
-    return min((figure for figure in figures if figure), default=None)
+    return read_calibration(machine_speed_path()).get(key)
 
 
-def raise_probe_reference(key, seconds):
-    """Returns the reference before (or None). Under a lock, so concurrent runs never lose each other's figures; where
-    locking fails (a network disk), a lost race only keeps a slightly slower one."""
+def set_probe_reference(key, seconds, replace=False):
+    """Start the reference where there is none (a run), or with `replace` set it, None removing it (--calibrate).
+    Returns the one before. Under a lock, so concurrent runs start it once; where locking fails (a network disk), a
+    lost race only keeps another run's start."""
     path = machine_speed_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a") as lock:
@@ -1301,8 +1306,8 @@ def raise_probe_reference(key, seconds):
         except (ImportError, OSError):
             pass
         before = probe_reference(key)
-        if before is None or seconds < before:
-            figures = {**read_calibration(path), key: seconds}
+        if before is None or replace:
+            figures = {k: v for k, v in {**read_calibration(path), key: seconds}.items() if v is not None}
             _write_atomic(path, lambda f: json.dump(figures, f, indent=1, sort_keys=True), "w")
     return before
 

@@ -13,11 +13,13 @@ Sizing writes the active preset's section of each training script into that scri
 with, and `git diff` shows what setup changed. --keep-scripts leaves the scripts as they are.
 """
 
+import ast
 import errno
 import glob
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import subprocess
@@ -445,7 +447,7 @@ def device_memory_gb():
 # --calibrate refuses to record on a machine that is clearly busy (see busy_reason): other processes kept more than
 # BUSY_CPU_SHARE of the cores busy while it probed (Linux's /proc/stat), or, where that cannot be read, the 1-minute
 # load average exceeded BUSY_LOAD_PER_CORE per core; or its 5 probes spread by more than BUSY_SPREAD (slowest over
-# fastest); or its best probe would read below SLOW_MACHINE against the reference.
+# fastest).
 BUSY_CPU_SHARE = 0.25
 BUSY_LOAD_PER_CORE = 0.5
 BUSY_SPREAD = 1.3
@@ -477,10 +479,10 @@ def probe_repeats(backend, repeats=5):
     return times, max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
-def busy_reason(times, others_share=None, load=None, reference=None):
+def busy_reason(times, others_share=None, load=None):
     """Why --calibrate's probes (`times`, seconds) were taken on a busy machine, or None when it looked quiet. `load`:
     the 1-minute load average before probing, used only where `others_share` could not be measured (it lags by a
-    minute); `reference`: the probe reference recorded before (see probe_reference)."""
+    minute)."""
     cores, best = os.cpu_count() or 1, min(times)
     reasons = []
     if others_share is not None and others_share > BUSY_CPU_SHARE:
@@ -489,23 +491,17 @@ def busy_reason(times, others_share=None, load=None, reference=None):
         reasons.append(f"load average {load:.1f} on {cores} cores")
     if max(times) > BUSY_SPREAD * best:
         reasons.append(f"its {len(times)} probes spread {1000 * best:.1f}-{1000 * max(times):.1f} ms")
-    if reference and reference / best < prepare.SLOW_MACHINE:
-        reasons.append(f"its best probe {1000 * best:.1f} ms is {best / reference:.2f}x this machine's reference "
-                       f"{1000 * reference:.1f} ms")
     return "; ".join(reasons) or None
 
 
 def record_machine_figures(force=False):
-    """Measure the probe 5 times (keeping the best) and the matmul peak (the dtype the scripts compute in here), and
-    record both. On a clearly busy machine (busy_reason) it refuses, one line and nothing recorded, unless
-    `force`. Recording never slows the machine-speed reference: it stays the fastest probe this machine has shown."""
+    """Check that the machine is quiet (5 probes, busy_reason), measure the matmul peak (the dtype the scripts compute
+    in here) and record it. On a clearly busy machine it refuses, one line and nothing recorded, unless `force`."""
     import mlx.core as mx
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before probing: the probes raise it
-    key = prepare.probe_key("mlx")
-    reference = prepare.probe_reference(key)
     times, others_share = probe_repeats("mlx")
-    busy = busy_reason(times, others_share, load, reference)
+    busy = busy_reason(times, others_share, load)
     if busy and not force:
         raise prepare.HarnessError(f"calibrate: this machine is busy ({busy}): wait until it is quiet and rerun, or "
                                    f"pass --force to record anyway. Nothing was recorded.")
@@ -513,12 +509,16 @@ def record_machine_figures(force=False):
         print(f"calibrate: recording on a busy machine (--force): {busy}")
     name = mx.device_info().get("device_name", str(mx.default_device()))
     dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"  # COMPUTE_DTYPE "auto"
-    peak, probe = prepare._measure_matmul_flops("mlx", dtype), min(times)
-    prepare.raise_probe_reference(key, min(probe, reference or probe))  # keeps a faster calibrated probe it replaces
-    prepare.record_calibration({prepare.calibration_key("matmul", "mlx", name, dtype): peak, key: probe})
-    print(f"calibrate: {name}: matmul {peak / 1e9:,.0f} GFLOP/s ({dtype}), probe {1000 * probe:.1f} ms (best of "
-          f"{len(times)}, slowest {1000 * max(times):.1f}; reference {1000 * prepare.probe_reference(key):.1f} ms) "
-          f"-> {prepare.CALIBRATION_PATH}")
+    peak = prepare._measure_matmul_flops("mlx", dtype)
+    prepare.record_calibration({prepare.calibration_key("matmul", "mlx", name, dtype): peak})
+    print(f"calibrate: {name}: matmul {peak / 1e9:,.0f} GFLOP/s ({dtype}) -> {prepare.CALIBRATION_PATH}")
+
+
+def pooled_reference(reference, runs):
+    """The reference at which the calibration runs' probes, together, read 1.00 on average: `runs` holds each run's
+    (probes, machine_speed against `reference`), and a speed is a mean of reference / seconds."""
+    probes = sum(n for n, _ in runs)
+    return reference * probes / sum(n * speed for n, speed in runs)
 
 
 def calibration_run(name, work_dir):
@@ -546,40 +546,86 @@ def calibration_run(name, work_dir):
     return summary
 
 
+PRESET_SIZE_DEFAULTS = ("MAX_SEQ_LEN", "EVAL_TOKENS")  # prepare.py's values, where a preset names none
+
+
+def _preset_cost(path, script):
+    """(evaluation cost, memory) of a preset file for `script`, up to a constant factor: tokens scored times width^2 x
+    depth, and rows x sequence x width x depth. What decides whether it fits a machine."""
+    with open(prepare.__file__) as f:
+        harness = {node.targets[0].id: eval(ast.unparse(node.value), {}) for node in ast.parse(f.read()).body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in PRESET_SIZE_DEFAULTS}
+    preset = prepare.load_preset(path)
+    values = {**harness, **preset["prepare"], **preset[script]}  # the harness's defaults where a preset names none
+    depth = len(values["HYBRID_PATTERN"]) if "HYBRID_PATTERN" in values else values["DEPTH"]
+    width = values["D_MODEL"] * depth * values.get("EXPAND", 1)
+    rows = values["DEVICE_BATCH_SIZE"] * values["MAX_SEQ_LEN"]
+    return values["EVAL_TOKENS"] * values["D_MODEL"] * width, rows * width
+
+
+def smaller_presets(script):
+    """The shipped presets, largest first, that cost less than the active one for `script` on both counts."""
+    this = _preset_cost(prepare.PRESET_FILE, script)
+    costs = {name: _preset_cost(os.path.join(prepare.PRESETS_DIR, name + ".json"), script)
+             for name in ("default", "mac", "local", "cpu")}
+    return [name for name, cost in costs.items() if cost != this and all(a <= b for a, b in zip(cost, this))]
+
+
 def calibrate(force=False):
     """Print this machine's table at the active preset: tokens/s, MFU, optimizer steps in TIME_BUDGET, evaluation
-    seconds at EVAL_TOKENS, peak memory against the device's; then which preset fits."""
+    seconds at EVAL_TOKENS, peak memory against the device's, machine speed; then, per architecture, whether the
+    preset fits and which smaller one to take where it does not. Its runs' probes set the machine-speed reference."""
     prepare.check_cache()  # the runs need the prepared data: fail here, in one line, if it is not there
     record_machine_figures(force)  # a busy machine ends here, before the runs
+    key = prepare.probe_key("mlx")
+    prepare.set_probe_reference(key, None, replace=True)  # the first run below starts it; all of them set it
     memory, memory_kind = device_memory_gb()
     print(f"calibrate: preset {prepare.PRESET_NAME}, TIME_BUDGET={prepare.TIME_BUDGET}s, "
           f"EVAL_TOKENS={prepare.EVAL_TOKENS:,}; {memory:.1f} GB {memory_kind}; a {CALIBRATION_BUDGET}s run of each")
     header = f"{'architecture':<14} {'tok/s':>9} {'MFU %':>6} {'steps':>6} {'eval s':>7} {'peak GB':>8}  fits"
-    rows, worst_eval, worst_peak = [header], 0.0, 0.0
+    rows, verdicts, speeds = [header], {}, []
     with tempfile.TemporaryDirectory() as work_dir:
         for name in CALIBRATION_RUNS:
             t0 = time.time()
             summary = calibration_run(name, work_dir)
             if "error" in summary:
                 rows.append(f"{name:<14} failed: {summary['error']}")
+                verdicts[name] = f"failed ({summary['error']})"
                 continue
             tokens_per_s = float(summary["throughput"].split()[0].replace(",", ""))
             tokens_per_step = int(summary["batch"].split()[0])  # "batch: N tokens/step = ..."
             eval_s = float(summary["eval_seconds"]) * prepare.EVAL_TOKENS / summary["eval_tokens"]
             peak_gb = float(summary["peak_memory_mb"]) / 1e3
-            fits = peak_gb <= memory and eval_s <= prepare.TIME_BUDGET / 4
-            worst_eval, worst_peak = max(worst_eval, eval_s), max(worst_peak, peak_gb)
+            too_big = [f"peak {peak_gb:.1f} of {memory:.1f} GB"] if peak_gb > memory else []
+            if eval_s > prepare.TIME_BUDGET / 4:
+                too_big.append(f"evaluation {eval_s:.0f}s, over a quarter of the {prepare.TIME_BUDGET}s budget")
+            verdicts[name] = "; ".join(too_big) or None
+            speed = re.match(r"([\d.]+) \((\d+) probes", summary.get("machine_speed", ""))
+            if speed:
+                speeds.append((int(speed.group(2)), float(speed.group(1))))
             rows.append(f"{name:<14} {tokens_per_s:>9,.0f} {float(summary['mfu_percent']):>6.1f} "
                         f"{prepare.TIME_BUDGET * tokens_per_s / tokens_per_step:>6.0f} {eval_s:>7.0f} "
-                        f"{peak_gb:>8.2f}  {'yes' if fits else 'NO'}   ({time.time() - t0:.0f}s)")
+                        f"{peak_gb:>8.2f}  {'NO' if too_big else 'yes'}   ({time.time() - t0:.0f}s)")
     print("\n".join(rows))
-    if worst_peak <= memory and worst_eval <= prepare.TIME_BUDGET / 4:
-        print(f"fits: preset {prepare.PRESET_NAME} fits this machine (peak {worst_peak:.1f} of {memory:.1f} GB, "
-              f"evaluation at most {worst_eval:.0f}s of a {prepare.TIME_BUDGET}s budget)")
-    else:
-        print(f"fits: preset {prepare.PRESET_NAME} is too big here (peak {worst_peak:.1f} of {memory:.1f} GB, "
-              f"evaluation up to {worst_eval:.0f}s of a {prepare.TIME_BUDGET}s budget): try a smaller one, e.g. "
-              f"AUTORESEARCH_MLX_PRESET_FILE={'cpu' if prepare.device_preset()[0] == 'cpu' else 'local'}")
+    reference = prepare.probe_reference(key)
+    if reference and speeds:
+        pooled = pooled_reference(reference, speeds)
+        prepare.set_probe_reference(key, pooled, replace=True)
+        each = ", ".join(f"{speed * pooled / reference:.2f}" for _, speed in speeds)
+        print(f"machine speed: reference {1000 * pooled:.1f} ms, the {sum(n for n, _ in speeds)} probes of these runs "
+              f"(each run against it: {each}) -> {prepare.machine_speed_path()}")
+    fit = [name for name, why in verdicts.items() if why is None]
+    if fit:
+        print(f"fits: preset {prepare.PRESET_NAME} fits {', '.join(fit)} here")
+    for name, why in verdicts.items():
+        if why is None or why.startswith("failed"):
+            continue
+        script = CALIBRATION_RUNS[name][0]
+        smaller = smaller_presets(script)
+        advice = (f"take a smaller preset: AUTORESEARCH_MLX_PRESET_FILE={smaller[0]}" if smaller else
+                  f"no shipped preset is smaller: copy {prepare.PRESET_FILE} and lower EVAL_TOKENS or the model's "
+                  f"sizes in its {script} section")
+        print(f"fits: preset {prepare.PRESET_NAME} is too big for {name} here ({why}): {advice}")
 
 
 def main():

@@ -95,17 +95,17 @@ def main():
     parser.add_argument("--order", default="quiet,whole,middle,quiet,whole,middle")
     parser.add_argument("--json", help="also write every run's figures and probe times (ms) to this file")
     args = parser.parse_args()
-    probe_ms = 1000 * prepare.probe_seconds(prepare._backend())
     with tempfile.TemporaryDirectory() as directory:
         preset = sized_copy(args.script, args.budget, directory)
         rows = []
         for load in args.order.split(","):
             rows.append(run(directory, args.script, preset, args.core, load, args.budget, args.busy))
             r = rows[-1]
+            probe_s = sum(r["probe_ms"]) / 1000
             print(f"{r['load']:7s} num_steps {r['num_steps']:4d}  machine_speed {r['machine_speed']:.2f}  "
                   f"warning {'yes' if r['warned'] else 'no ':3s}  val_bpb {r['val_bpb']:.6f}  "
-                  f"probes {r['probes']} (~{r['probes'] * probe_ms / 1000 / r['total_seconds']:.1%} of "
-                  f"{r['total_seconds']:.0f} s)  | {r['line']}", flush=True)
+                  f"probes {r['probes']}: {probe_s:.2f} s, {probe_s / r['total_seconds']:.1%} of "
+                  f"{r['total_seconds']:.0f} s  | {r['line']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f)
@@ -113,7 +113,7 @@ def main():
     loaded_warn = all(r["warned"] for r in rows if r["load"] != "quiet")
     quiet_silent = not any(r["warned"] for r in rows if r["load"] == "quiet")
     print(f"Spearman(machine_speed, num_steps) = {rho:.2f}; loaded runs all warned: {loaded_warn}; quiet runs "
-          f"silent: {quiet_silent} (probe {probe_ms:.1f} ms quiet, tight loop)")
+          f"silent: {quiet_silent}")
 
 
 if __name__ == "__main__":

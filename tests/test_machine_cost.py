@@ -18,7 +18,7 @@ SMOKE_MAMBA = os.path.join(SMOKE_SCRIPTS, "train_mamba_3_mlx.py")
 def test_machine_speed_against_the_calibrated_probe(monkeypatch, tmp_path):
     """The calibrated probe is the reference (tests/test_machine_speed.py: the rest of the rule)."""
     monkeypatch.setattr(prepare, "CALIBRATION_PATH", str(tmp_path / "calibration.json"))
-    prepare.record_calibration({prepare.probe_key("mlx"): 0.1})
+    prepare.set_probe_reference(prepare.probe_key("mlx"), 0.1)
     monkeypatch.setattr(prepare, "SPEED_PROBES", [0.100, 0.125])
     value, warning = prepare.machine_speed()
     assert value == "0.90 (2 probes over the training time, slowest 0.80; reference 100.0 ms)" and warning is None
@@ -60,8 +60,8 @@ def run(args, cache, preset=None):
 
 
 def test_a_loaded_machine_prints_the_warning(cache_copy):
-    calibrated = run(["-c", "import prepare; prepare.record_calibration({prepare.probe_key('mlx'): "
-                            "prepare.probe_seconds('mlx')})"], cache_copy)
+    calibrated = run(["-c", "import prepare; prepare.set_probe_reference(prepare.probe_key('mlx'), "
+                            "prepare.probe_seconds('mlx'))"], cache_copy)
     assert calibrated.returncode == 0, calibrated.stderr
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
     try:
@@ -101,4 +101,9 @@ def test_calibrate_measures_every_architecture_and_records_the_machine(cache_cop
         assert fits in ("yes", "NO")
     assert any(line.startswith("fits: preset smoke") for line in out)
     recorded = json.load(open(cache_copy / "calibration.json"))
-    assert {key.split("|")[0] for key in recorded} == {"matmul", "speed-probe"}
+    assert {key.split("|")[0] for key in recorded} == {"matmul"}
+    speed = next(line for line in out if line.startswith("machine speed: reference "))
+    assert len(speed.split("each run against it: ")[1].split(", ")) == 4, speed  # one figure per run
+    reference = json.load(open(cache_copy / "machine_speed.json"))
+    assert list(reference) == [prepare.probe_key("mlx")] and f"{1000 * reference[prepare.probe_key('mlx')]:.1f} ms" \
+        in speed

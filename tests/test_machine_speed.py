@@ -1,7 +1,7 @@
 """machine_speed: a fixed probe between training steps every PROBE_EVERY seconds, its mean speed over the training time
-against this machine's reference (per device and BLAS: calibration.json's, else machine_speed.json's, which the first
-run here starts). A run never moves the reference; --calibrate keeps its best of 5 probes and refuses to record on a
-busy machine unless --force. Probe times are injected wherever a real load would make the test slow or flaky."""
+against this machine's reference (per device and BLAS, in machine_speed.json: --calibrate's runs set it, else the
+first run here starts it). A run never moves it; --calibrate refuses to record on a busy machine unless --force.
+Probe times are injected wherever a real load would make the test slow or flaky."""
 
 import json
 import os
@@ -52,7 +52,7 @@ def test_a_fresh_cache_starts_the_reference_with_a_typical_probe(cache, monkeypa
 
 
 def test_the_mean_over_the_training_time_decides_not_a_moment(cache, monkeypatch):
-    prepare.record_calibration({KEY: 0.100})
+    prepare.set_probe_reference(KEY, 0.100)
     value, warning = run_probes(monkeypatch, *[0.100] * 9, 0.300)  # one slow moment in ten: 7% of the steps
     assert speed(value) == 0.93 and warning is None
     value, warning = run_probes(monkeypatch, *[0.100] * 5, *[0.300] * 5)  # slowed 3x for half of training
@@ -62,16 +62,20 @@ def test_the_mean_over_the_training_time_decides_not_a_moment(cache, monkeypatch
 
 def test_a_run_never_moves_the_reference(cache, monkeypatch):
     """One yardstick a night: a faster run says so in a note and leaves the reference, so earlier runs keep theirs."""
-    prepare.record_calibration({KEY: 0.100})
+    prepare.set_probe_reference(KEY, 0.100)
     value, note = run_probes(monkeypatch, 0.080, 0.080, 0.080)
     assert value == "1.25 (3 probes over the training time, slowest 1.25; reference 100.0 ms)"
     assert note.startswith("note: the machine ran 25% faster than its reference")
-    assert prepare.probe_reference(KEY) == 0.100 and not (cache / "machine_speed.json").exists()
+    assert reference_file(cache) == {KEY: 0.100}
     value, warning = run_probes(monkeypatch, 0.200, 0.190)
     assert speed(value) == 0.51 and warning.startswith("warning: the machine ran 49% slower")
     other = prepare.calibration_key("speed-probe", "torch", "Some GPU")
-    assert prepare.raise_probe_reference(other, 0.001) is None  # per device and BLAS: the keys do not mix
-    assert reference_file(cache) == {other: 0.001}
+    assert prepare.set_probe_reference(other, 0.001) is None  # per device and BLAS: the keys do not mix
+    assert reference_file(cache) == {KEY: 0.100, other: 0.001}
+    assert prepare.set_probe_reference(KEY, 0.050) == 0.100 and reference_file(cache)[KEY] == 0.100  # a run: no
+    prepare.set_probe_reference(KEY, 0.050, replace=True)  # --calibrate sets it
+    prepare.set_probe_reference(other, None, replace=True)
+    assert reference_file(cache) == {KEY: 0.050}
 
 
 def test_probes_run_between_timed_steps_at_a_steady_cadence(monkeypatch):
@@ -92,15 +96,37 @@ def test_probes_run_between_timed_steps_at_a_steady_cadence(monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_probe_waits_for_the_runs_own_loader_to_rest(monkeypatch):
+    """A probe while the loader's thread packs batches would time the run, not the machine; one that cannot rest for
+    another PROBE_EVERY seconds is probed anyway."""
+    import queue
+
+    filling = queue.Queue(maxsize=2)
+    filling.put(1)
+    monkeypatch.setattr(prepare, "SPEED_PROBES", [])
+    monkeypatch.setattr(prepare, "_LOADER_QUEUES", [filling])
+    monkeypatch.setattr(prepare, "_probe", {"run": lambda: 0.05, "next": 0.0})
+    prepare._probe["next"] = prepare.time.monotonic()
+    prepare.step_midpoint(1.0, [1.0])
+    assert prepare.SPEED_PROBES == []  # the loader is filling its queue
+    filling.put(2)
+    prepare.step_midpoint(2.0, [1.0, 1.0])
+    assert prepare.SPEED_PROBES == [0.05]  # full: its thread rests
+    filling.get()
+    prepare._probe["next"] -= 2 * prepare.PROBE_EVERY
+    prepare.step_midpoint(3.0, [1.0] * 3)
+    assert prepare.SPEED_PROBES == [0.05, 0.05]  # a loader that never rests does not silence the probe
+
+
 def test_a_busy_run_after_a_quiet_calibration_warns_in_the_summary(prepared_cache, cache, monkeypatch, capsys):
-    prepare.record_calibration({KEY: 0.100})
+    prepare.set_probe_reference(KEY, 0.100)
     monkeypatch.setattr(prepare, "SPEED_PROBES", [0.150, 0.160])
     prepare.print_summary({"val_bpb": 1.5})
     lines = capsys.readouterr().out.splitlines()
     warning = next(i for i, line in enumerate(lines) if line.startswith("warning: the machine ran 35% slower"))
     assert warning < lines.index("---")
     assert "machine_speed: 0.65 (2 probes over the training time, slowest 0.62; reference 100.0 ms)" in lines
-    assert prepare.probe_reference(KEY) == 0.100 and not (cache / "machine_speed.json").exists()
+    assert reference_file(cache) == {KEY: 0.100}
 
 
 def test_an_unwritable_cache_still_gives_the_summary(cache, monkeypatch):
@@ -115,13 +141,33 @@ def test_an_unwritable_cache_still_gives_the_summary(cache, monkeypatch):
 def test_busy_reason():
     quiet = [0.100, 0.101, 0.103, 0.100, 0.102]
     # the measured share wins over the load average
-    assert prepare_mlx_mamba_3.busy_reason(quiet, others_share=0.05, load=50.0, reference=0.100) is None
+    assert prepare_mlx_mamba_3.busy_reason(quiet, others_share=0.05, load=50.0) is None
     assert "other processes used 90% of" in prepare_mlx_mamba_3.busy_reason(quiet, others_share=0.9)
     assert prepare_mlx_mamba_3.busy_reason(quiet, load=0.1) is None
     assert "load average 99.0" in prepare_mlx_mamba_3.busy_reason(quiet, load=99.0)  # no /proc/stat: the load average
     assert "spread 100.0-150.0 ms" in prepare_mlx_mamba_3.busy_reason(quiet + [0.150])
-    assert "2.00x this machine's reference 50.0 ms" in prepare_mlx_mamba_3.busy_reason(quiet, reference=0.050)
-    assert prepare_mlx_mamba_3.busy_reason(quiet, reference=0.095) is None  # within SLOW_MACHINE of the reference
+
+
+def test_calibrate_sets_the_reference_where_its_runs_read_one_on_average():
+    """Each calibration run reads against the reference the first started; pooled, their probes set it."""
+    runs = [(10, 1.00), (5, 0.90), (5, 1.10)]  # (probes, machine_speed against 50 ms)
+    pooled = prepare_mlx_mamba_3.pooled_reference(0.050, runs)
+    assert pooled == pytest.approx(0.050)  # mean speed 1.00: unchanged
+    assert prepare_mlx_mamba_3.pooled_reference(0.050, [(10, 0.80)]) == pytest.approx(0.0625)  # slower: longer
+
+
+def test_the_advice_is_always_a_smaller_preset(tmp_path, monkeypatch):
+    """Never a preset that is not smaller: a copy of `cpu` with another budget has no smaller shipped preset."""
+    for name, smaller in (("default", ["mac", "local", "cpu"]), ("mac", ["local", "cpu"]), ("local", ["cpu"]),
+                          ("cpu", [])):
+        monkeypatch.setattr(prepare, "PRESET_FILE", os.path.join(prepare.PRESETS_DIR, name + ".json"))
+        assert prepare_mlx_mamba_3.smaller_presets("train_mamba_3_mlx") == smaller
+    preset = json.load(open(os.path.join(prepare.PRESETS_DIR, "cpu.json")))
+    preset["prepare"]["TIME_BUDGET"] = 120
+    (tmp_path / "cpu120.json").write_text(json.dumps(preset))
+    monkeypatch.setattr(prepare, "PRESET_FILE", str(tmp_path / "cpu120.json"))
+    assert prepare_mlx_mamba_3.smaller_presets("train_mamba_3_mlx") == []
+    assert prepare_mlx_mamba_3.smaller_presets("train_hybrid_moe_mlx") == []
 
 
 def test_probe_repeats_measures_the_others_share():
@@ -145,22 +191,7 @@ def test_calibrate_refuses_on_a_busy_machine_and_records_with_force(calibrate_ca
     assert os.listdir(calibrate_cache) == []  # nothing recorded
     prepare_mlx_mamba_3.record_machine_figures(force=True)
     assert "recording on a busy machine (--force)" in capsys.readouterr().out
-    recorded = prepare.read_calibration()
-    assert recorded[KEY] == 0.20 and {key.split("|")[0] for key in recorded} == {"matmul", "speed-probe"}
-    assert prepare.probe_reference(KEY) == 0.20
-
-
-def test_calibrate_keeps_its_best_probe_and_never_slows_the_reference(calibrate_cache, monkeypatch):
-    quiet = [0.102, 0.100, 0.104, 0.101, 0.103]
-    monkeypatch.setattr(prepare_mlx_mamba_3, "probe_repeats", lambda backend: (quiet, 0.01))
-    prepare_mlx_mamba_3.record_machine_figures()  # quiet: records the best of its 5 probes
-    assert prepare.read_calibration()[KEY] == 0.100 and prepare.probe_reference(KEY) == 0.100
-    monkeypatch.setattr(prepare_mlx_mamba_3, "probe_repeats", lambda backend: ([0.2] * 5, 0.01))
-    with pytest.raises(prepare.HarnessError, match="2.00x this machine's reference 100.0 ms"):
-        prepare_mlx_mamba_3.record_machine_figures()  # no other load seen, but far slower than this machine was
-    prepare_mlx_mamba_3.record_machine_figures(force=True)
-    assert prepare.read_calibration()[KEY] == 0.2  # recorded, as forced
-    assert prepare.probe_reference(KEY) == 0.100  # the reference stays the machine's best
+    assert {key.split("|")[0] for key in prepare.read_calibration()} == {"matmul"}
 
 
 def copy_of_the_test_cache(tmp_path):
@@ -187,42 +218,36 @@ def test_calibrate_refusal_exits_non_zero_with_one_line_before_the_runs(prepared
 
 
 WRITER = """
-import random, sys
+import sys
 import prepare
-rng = random.Random(int(sys.argv[1]))
+seed = int(sys.argv[1])
 for i in range(300):
-    key = prepare.calibration_key("speed-probe", "mlx", "device %d" % (i % 3))
-    prepare.raise_probe_reference(key, rng.uniform(0.01, 1.0))
+    prepare.set_probe_reference(prepare.calibration_key("speed-probe", "mlx", "device %d" % seed), i + 1, replace=True)
+    prepare.set_probe_reference(prepare.calibration_key("speed-probe", "mlx", "shared"), seed + 1)
 """
 
 
-def test_concurrent_writers_never_leave_an_unreadable_file_or_lose_the_fastest(tmp_path):
+def test_concurrent_writers_never_leave_an_unreadable_file_or_lose_a_figure(tmp_path):
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tmp_path))
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(seed)], cwd=ROOT, env=env) for seed in range(4)]
-    path, reads = tmp_path / "machine_speed.json", 0
+    path = tmp_path / "machine_speed.json"
     while any(w.poll() is None for w in writers):
         if path.exists():
             json.load(open(path))  # a reader sees the old file or a complete new one, never a torn one
-            reads += 1
     assert all(w.returncode == 0 for w in writers)
-    import random
-
-    fastest = {}
-    for seed in range(4):
-        rng = random.Random(seed)
-        for i in range(300):
-            key = prepare.calibration_key("speed-probe", "mlx", f"device {i % 3}")
-            fastest[key] = min(fastest.get(key, 1.0), rng.uniform(0.01, 1.0))
-    assert json.load(open(path)) == fastest  # the lock: no writer's figure is lost
+    figures = json.load(open(path))
+    assert {key: figures[key] for key in figures if "device" in key} == {
+        prepare.calibration_key("speed-probe", "mlx", f"device {seed}"): 300 for seed in range(4)}  # none lost
+    assert figures[prepare.calibration_key("speed-probe", "mlx", "shared")] in (1, 2, 3, 4)  # started once, kept
     assert sorted(os.listdir(tmp_path)) == ["machine_speed.json", "machine_speed.json.lock"]  # no temporary file
 
 
-def test_a_real_run_scores_against_the_calibration_and_leaves_it(prepared_cache, tmp_path):
-    """End to end: a smoke run against a calibration recorded absurdly slow (10 s) reads far above 1.00, says why in a
+def test_a_real_run_scores_against_the_reference_and_leaves_it(prepared_cache, tmp_path):
+    """End to end: a smoke run against a reference recorded absurdly slow (100 s) reads far above 1.00, says why in a
     note, and leaves the reference where it was."""
     cache = copy_of_the_test_cache(tmp_path)
-    with open(cache / "calibration.json", "w") as f:
-        json.dump({KEY: 10.0}, f)
+    with open(cache / "machine_speed.json", "w") as f:
+        json.dump({KEY: 100.0}, f)
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache))
     result = subprocess.run([sys.executable, os.path.join(SMOKE_SCRIPTS, "train_mamba_3_mlx.py")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
@@ -232,4 +257,4 @@ def test_a_real_run_scores_against_the_calibration_and_leaves_it(prepared_cache,
     probes = int(re.search(r"\((\d+) probes over the training time", line).group(1))
     assert speed(line.split(": ", 1)[1]) > 10 and probes >= 1, line
     assert any(line.startswith("note: the machine ran") for line in lines[: lines.index("---")])
-    assert json.load(open(cache / "calibration.json")) == {KEY: 10.0} and not (cache / "machine_speed.json").exists()
+    assert json.load(open(cache / "machine_speed.json")) == {KEY: 100.0}
