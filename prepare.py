@@ -16,19 +16,20 @@ What a training script calls:
     probe_machine_speed(dist)          before the loop: step_midpoint then probes the machine between steps
     step_midpoint(training_time, step_times)   a step runs while this is before TIME_BUDGET; the schedule reads it
     warn_if_evaluation_is_long(step_times, tokens_per_step), check_loss(loss, step), ProgressLine(interval)
-    evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness
+    evaluate_bpb(model, B, dist)       val_bpb on EVAL_TOKENS fixed validation tokens, scored by the harness; then
+                                       the sealed holdout, recorded in the cache's holdout/ for the human only
     peak_flops(device, dtype)          (FLOP/s, source) for MFU: datasheet, else the calibrated matmul rate
     print_summary(fields, trained_tokens, dist)  the summary, then world_size, machine_speed, budget_check, harness
 
 The rules, each visible in the summary:
     - training_seconds counts every step but the first (compilation) and ends within half a step of TIME_BUDGET.
     - budget_check: ok only when the loaders served exactly the tokens the timed steps trained on.
-    - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation rows and
-      the number of processes: only runs with the same fingerprint are comparable.
+    - harness: a fingerprint of this file, prepare_mlx_mamba_3.py, the preset, the tokenizer, the validation and
+      holdout rows and the number of processes: only runs with the same fingerprint are comparable.
     - machine_speed: a fixed probe every few seconds between training steps (outside the budget), its mean speed
       against this machine's reference (1.00 = as fast; runs never move it); below 0.90 a `warning:` line.
 The cache (~/.cache/autoresearch/ or $AUTORESEARCH_CACHE_DIR): data/, tokenizer/, eval/, calibration.json,
-machine_speed.json.
+machine_speed.json, holdout/ (the sealed holdout's rows and records: not the agent's to read).
 """
 
 import ast
@@ -436,13 +437,14 @@ class Tokenizer:
 
 
 def check_cache():
-    """Well under a second. The validation rows are built here if missing or damaged: the build reads the validation
-    shard, so its damage shows here too."""
+    """Well under a second. The validation and holdout rows are built here if missing or damaged: the build reads the
+    validation shard, so its damage shows here too."""
     tokenizer = Tokenizer.load()
     get_token_bytes()
     for path in list_shards("train") + list_shards("val"):
         check_parquet(path)  # the footer only: milliseconds per shard
     load_val_rows(tokenizer)
+    load_holdout_rows(tokenizer)
     return tokenizer
 
 
@@ -715,26 +717,38 @@ def warn_if_evaluation_is_long(step_times, tokens_per_step, forward_speedup=2.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: bits per byte on exactly EVAL_TOKENS tokens of the pinned validation shard.
+# Evaluation: bits per byte on exactly EVAL_TOKENS tokens of the pinned validation shard; then the sealed holdout,
+# documents of the same shard that the validation rows do not touch, scored the same way and recorded only in
+# HOLDOUT_PATH (beside the commit and val_bpb): no run prints it, so none can be tuned to it.
+
+HOLDOUT_ROWS = max(1, EVAL_TOKENS // MAX_SEQ_LEN // 4)  # a quarter of the validation rows: evaluation takes 1.25x
+HOLDOUT_DIR = os.path.join(CACHE_DIR, "holdout")  # the rows and the records, apart from eval/: not the agent's
+HOLDOUT_PATH = os.path.join(HOLDOUT_DIR, "holdout.tsv")
+HOLDOUT_COLUMNS = ("timestamp", "commit", "tree", "val_bpb", "holdout_bpb", "harness")
 
 
-def val_rows_path():
-    """Named by what determines the rows, so they never describe another validation shard than the cache's."""
+def val_rows_path(kind="val"):
+    """Named by what determines the rows, so they never describe another validation shard than the cache's. kind:
+    "val" or "holdout" (which depends on the validation rows, so on everything they depend on)."""
     tokenizer_id = _file_digest(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), 8)
     val_name = SHARD_NAME.format(VAL_SHARD)
     val_id = shard_digest(val_name)[:8] if os.path.exists(os.path.join(DATA_DIR, val_name)) else "noval"
     code_id = _file_digest(os.path.abspath(__file__), 6)
-    return os.path.join(EVAL_DIR, f"val_{tokenizer_id}_{val_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}.npy")
+    held = f"_H{HOLDOUT_ROWS * MAX_SEQ_LEN}" if kind == "holdout" else ""
+    name = f"{kind}_{tokenizer_id}_{val_id}_{code_id}_T{MAX_SEQ_LEN}_N{EVAL_TOKENS}{held}.npy"
+    return os.path.join(EVAL_DIR if kind == "val" else HOLDOUT_DIR, name)
 
 
-def _val_rows_problem(path):
+def _val_rows_problem(path, n_rows=None):
+    """None for a good file of `n_rows` rows (default: the validation rows'; a tuple: any of those counts)."""
     if not os.path.exists(path):
         return "missing"
     try:
         rows = np.load(path)
     except Exception as e:
         return _first_line(e)
-    if rows.shape != (EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1) or rows.dtype != np.uint16:
+    counts = n_rows if isinstance(n_rows, tuple) else (n_rows or EVAL_TOKENS // MAX_SEQ_LEN,)
+    if rows.ndim != 2 or rows.shape[0] not in counts or rows.shape[1] != MAX_SEQ_LEN + 1 or rows.dtype != np.uint16:
         return f"{rows.dtype} {rows.shape}"
     if rows.max(initial=0) >= VOCAB_SIZE:
         return "token ids out of range"
@@ -757,6 +771,75 @@ def load_val_rows(tokenizer=None):
     return np.load(path)
 
 
+def load_holdout_rows(tokenizer=None):
+    """uint16 [HOLDOUT_ROWS, MAX_SEQ_LEN + 1]: the sealed holdout, packed like the validation rows (BOS-aligned best
+    fit) from the validation shard's documents that no validation row touches, its last document first. A shard
+    without that many such tokens gets 0 rows (built once, with a one-line message): runs then record no holdout;
+    never a row that shares a document with the validation rows. Cached like them; a damaged file is rebuilt."""
+    path = val_rows_path("holdout")
+    problem = _val_rows_problem(path, (0, HOLDOUT_ROWS))
+    if problem:
+        if problem != "missing":
+            print(f"eval: the cached holdout rows {path} are damaged ({problem}); rebuilding them", flush=True)
+        rows = _build_holdout_rows(tokenizer or Tokenizer.load())
+        _write_atomic(path, lambda f: np.save(f, rows))
+    return np.load(path)
+
+
+class _DocumentNumbers:
+    """Stands in for the tokenizer in _packed_rows: each document's ids become its number in the stream (from 0, BOS
+    included). Packing reads only lengths, so the rows come out as the validation rows with every token replaced by
+    the number of the document it came from."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.count = tokenizer, 0
+
+    def get_bos_token_id(self):
+        return self.tokenizer.get_bos_token_id()
+
+    def encode(self, texts, prepend=None):
+        ids = self.tokenizer.encode(texts, prepend=prepend)
+        first, self.count = self.count, self.count + len(ids)
+        return [[first + i] * len(piece) for i, piece in enumerate(ids)]
+
+
+def validation_documents(tokenizer=None):
+    """(sorted numbers of the validation shard's documents that the validation rows use, its number of documents)."""
+    n_docs = pq.ParquetFile(list_shards("val")[0]).metadata.num_rows
+    stream = _packed_rows(_DocumentNumbers(tokenizer or Tokenizer.load()), MAX_SEQ_LEN + 1, "val")
+    numbers = np.stack([next(stream)[0] for _ in range(EVAL_TOKENS // MAX_SEQ_LEN)])
+    stream.close()
+    return np.unique(numbers % n_docs), n_docs  # a cycled document is the same document
+
+
+def _holdout_documents(tokenizer, used, n_docs):
+    """The token ids of the validation shard's documents not in `used`, from its last document back."""
+    free = np.setdiff1d(np.arange(n_docs), used)[::-1]
+    texts = pq.read_table(list_shards("val")[0], columns=["text"]).column("text")
+    for start in range(0, len(free), 128):
+        batch = [texts[int(i)].as_py() for i in free[start : start + 128]]
+        yield from tokenizer.encode(batch, prepend=tokenizer.get_bos_token_id())
+
+
+def _build_holdout_rows(tokenizer):
+    used, n_docs = validation_documents(tokenizer)
+    packer, rows, documents = BestFitPacker(MAX_SEQ_LEN + 1), [], _holdout_documents(tokenizer, used, n_docs)
+    while len(rows) < HOLDOUT_ROWS:
+        while (packer.needs_documents() or packer.buffered_tokens() <= MAX_SEQ_LEN) and (
+            ids := next(documents, None)
+        ) is not None:
+            packer.add(np.asarray(ids, dtype=np.int32))
+        row = packer.next_row()
+        if row is None:
+            print(f"eval: no holdout: the validation rows use {len(used)} of the validation shard's {n_docs} "
+                  f"documents and the other {n_docs - len(used)} hold fewer than the holdout's "
+                  f"{HOLDOUT_ROWS * MAX_SEQ_LEN:,} tokens, so runs record no holdout_bpb (a longer validation shard "
+                  f"or a smaller EVAL_TOKENS leaves room)", flush=True)
+            return np.zeros((0, MAX_SEQ_LEN + 1), dtype=np.uint16)
+        rows.append(row)
+    return np.stack(rows).astype(np.uint16)
+
+
 def _is_torch_module(model):
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(model, torch.nn.Module)
@@ -766,23 +849,36 @@ def evaluate_bpb(model, batch_size, dist=SINGLE_PROCESS):
     """val_bpb: the nats of every target token that has bytes, over ln 2 times their bytes. `model`: int32 ids [B, T]
     -> logits, an MLX callable or a torch.nn.Module. The harness computes the loss (float32 per token, summed in
     float64: a float32 sum over millions of tokens drifts), so the model cannot change how it is scored. Rank r scores
-    batches r, r + world_size, ...; the sums are added in batch order: the same val_bpb at any world size."""
-    rows = load_val_rows()
-    token_bytes = get_token_bytes()
+    batches r, r + world_size, ...; the sums are added in batch order: the same val_bpb at any world size. Then the
+    holdout rows, scored the same way without a progress line, their bpb appended to HOLDOUT_PATH and shown nowhere:
+    every evaluation scores the holdout, whatever the script does after it."""
     per_token_nats = _torch_token_losses if _is_torch_module(model) else _mlx_token_losses(model)
+    val_bpb = _bits_per_byte(load_val_rows(), model, per_token_nats, batch_size, dist, ProgressLine())
+    holdout = load_holdout_rows()
+    if len(holdout):
+        holdout_bpb = _bits_per_byte(holdout, model, per_token_nats, batch_size, dist)
+        if dist.rank == 0:
+            record_holdout(val_bpb, holdout_bpb, harness_fingerprint(dist.world_size))
+    return val_bpb
+
+
+def _bits_per_byte(rows, model, per_token_nats, batch_size, dist, progress=None):
+    token_bytes = get_token_bytes()
     starts = range(0, len(rows), batch_size)
     sums = np.zeros((len(starts), 2))  # per batch: nats, bytes (integers, exact in float64 below 2**53)
-    progress, t0, total = ProgressLine(), time.time(), rows.shape[0] * (rows.shape[1] - 1)
+    t0, total = time.time(), rows.shape[0] * (rows.shape[1] - 1)
     for index in range(dist.rank, len(starts), dist.world_size):
         block = rows[starts[index] : starts[index] + batch_size].astype(np.int32)
         nats = per_token_nats(model, block[:, :-1], block[:, 1:])
         nbytes = token_bytes[block[:, 1:]]
         sums[index] = float(nats[nbytes > 0].astype(np.float64).sum()), int(nbytes.sum())
-        done = min(starts[index] + batch_size, len(rows)) * (rows.shape[1] - 1)  # all ranks move in step
-        rate = done / max(time.time() - t0, 1e-9)
-        progress.update(f"eval: {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {(total - done) / rate:.0f}s left",
-                        force=index + dist.world_size >= len(starts))
-    progress.close()
+        if progress:
+            done = min(starts[index] + batch_size, len(rows)) * (rows.shape[1] - 1)  # all ranks move in step
+            rate = done / max(time.time() - t0, 1e-9)
+            progress.update(f"eval: {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {(total - done) / rate:.0f}s left",
+                            force=index + dist.world_size >= len(starts))
+    if progress:
+        progress.close()
     gathered = dist.gather(sums).reshape(dist.world_size, len(starts), 2)
     total_nats, total_bytes = 0.0, 0
     for index in range(len(starts)):
@@ -790,6 +886,52 @@ def evaluate_bpb(model, batch_size, dist=SINGLE_PROCESS):
         total_nats += float(batch_nats)
         total_bytes += int(batch_bytes)
     return total_nats / (math.log(2) * total_bytes)
+
+
+def _git_state(directory):
+    """(short hash of HEAD, "clean" or "dirty": tracked files changed) of the repository at `directory`; ("-", "-")
+    outside one."""
+    import subprocess
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=7", "HEAD")
+    if not commit:
+        return "-", "-"
+    return commit, "dirty" if git("status", "--porcelain", "--untracked-files=no") else "clean"
+
+
+def record_holdout(val_bpb, holdout_bpb, harness):
+    """Append a row to HOLDOUT_PATH under a lock (runs may share the cache): the file is rewritten whole, so a reader
+    never sees half a row. The commit is that of the run's working directory."""
+    import fcntl
+
+    commit, tree = _git_state(os.getcwd())
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    row = "\t".join([when, commit, tree, f"{val_bpb:.6f}", f"{holdout_bpb:.6f}", harness]) + "\n"
+    try:
+        os.makedirs(HOLDOUT_DIR, exist_ok=True)
+        with open(HOLDOUT_PATH + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = "\t".join(HOLDOUT_COLUMNS) + "\n"
+            if os.path.exists(HOLDOUT_PATH):
+                with open(HOLDOUT_PATH) as f:
+                    old = f.read()
+            _write_atomic(HOLDOUT_PATH, lambda f: f.write(old + row), mode="w")
+    except OSError as e:
+        print(f"warning: this run's holdout record was not saved to {HOLDOUT_PATH} ({e.strerror or e})", flush=True)
+
+
+def read_holdout(path=None):
+    """The records of HOLDOUT_PATH (or `path`) as dicts of HOLDOUT_COLUMNS' strings; [] when there is none."""
+    try:
+        with open(path or HOLDOUT_PATH) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [dict(zip(HOLDOUT_COLUMNS, line.split("\t"))) for line in lines[1:] if line.count("\t") == 5]
 
 
 def _mlx_token_losses(model, on_gpu=None):
@@ -938,7 +1080,7 @@ def harness_fingerprint(world_size=1):
     here = os.path.dirname(os.path.abspath(__file__))
     parts = [os.path.join(here, name) for name in HARNESS_FILES]
     parts += [PRESET_FILE, os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), os.path.join(TOKENIZER_DIR, "token_bytes.npy")]
-    parts += [val_rows_path()]
+    parts += [val_rows_path(), val_rows_path("holdout")]
     digest = hashlib.sha256(f"{MAX_SEQ_LEN}|{TIME_BUDGET}|{EVAL_TOKENS}|{VOCAB_SIZE}|{world_size}".encode())
     for path in parts:
         digest.update(_file_digest(path, 64).encode() if os.path.exists(path) else b"missing:" + path.encode())

@@ -35,11 +35,12 @@ SCRIPTS = ("train_mamba_3_mlx", "train_hybrid_moe_mlx", "train_mamba")  # also t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Preparing the cache, in the order it is built: data, tokenizer, validation rows.
+# Preparing the cache, in the order it is built: data, tokenizer, validation rows, holdout rows.
 
 
 def prepare_cache(num_shards=None, download_workers=8, data_dir=None, endpoint=None):
-    """Make the cache ready: data shards, tokenizer, validation rows. Idempotent: each finished step is skipped."""
+    """Make the cache ready: data shards, tokenizer, validation and holdout rows. Idempotent: each finished step is
+    skipped."""
     print(prepare.harness_line())
     t0 = time.time()
     if data_dir is not None:
@@ -79,6 +80,15 @@ def prepare_cache(num_shards=None, download_workers=8, data_dir=None, endpoint=N
     status = "cached" if existed else f"built in {time.time() - t:.1f}s"
     print(f"eval: {rows.shape[0]} validation rows x {prepare.MAX_SEQ_LEN} tokens ({status}) -> "
           f"{prepare.val_rows_path()}")
+    t, path = time.time(), prepare.val_rows_path("holdout")
+    existed = prepare._val_rows_problem(path, (0, prepare.HOLDOUT_ROWS)) is None
+    rows = prepare.load_holdout_rows()
+    status = "present" if existed else f"built in {time.time() - t:.1f}s"
+    if len(rows):
+        print(f"eval: {len(rows)} holdout rows x {prepare.MAX_SEQ_LEN} tokens from validation documents the validation "
+              f"rows do not use ({status}) -> {path}; each run records its score in {prepare.HOLDOUT_PATH}")
+    else:
+        print(f"eval: no holdout rows ({status}: the validation shard is too short, see above) -> {path}")
     print(f"ready in {time.time() - t0:.1f}s; cache: {prepare.CACHE_DIR}")
 
 
@@ -310,6 +320,7 @@ def _forget_stale_shards(source, wanted, exact):
     if stale:
         val_name = prepare.SHARD_NAME.format(prepare.VAL_SHARD)
         derived = glob.glob(os.path.join(prepare.EVAL_DIR, "val_*.npy"))
+        derived += glob.glob(os.path.join(prepare.HOLDOUT_DIR, "holdout_*.npy"))
         if any(name != val_name for name in stale):
             derived += [os.path.join(prepare.TOKENIZER_DIR, name) for name in ("tokenizer.pkl", "token_bytes.npy")]
         for path in [os.path.join(prepare.DATA_DIR, name) for name in stale] + derived:
@@ -317,8 +328,8 @@ def _forget_stale_shards(source, wanted, exact):
                 os.remove(path)
         gone = "the tokenizer and " if any(name != val_name for name in stale) else ""
         print(f"data: {len(stale)} cached shard(s) differ from {source} (they came from "
-              f"{previous or 'an unrecorded source'}): removed them, {gone}the validation rows built from them; "
-              f"rebuilding", flush=True)
+              f"{previous or 'an unrecorded source'}): removed them, {gone}the validation and holdout rows built from "
+              f"them; rebuilding", flush=True)
     files = {} if from_elsewhere or manifest is None else manifest["files"]
     return {"source": source, "files": {name: entry for name, entry in files.items() if name not in stale}}
 

@@ -11,10 +11,14 @@ Throughput benchmark of the fixed harness (a script, not a test), on the prepare
   4. evaluation against training: train_mamba_3_mlx.py's model as its constants say (setup sized them), the
      harness's scoring of validation rows (what evaluate_bpb runs) and the script's training step, interleaved for
      --rounds rounds:
-     tokens/s of each and their ratio (the `cpu` preset's goal: evaluation >= 2.5x training).
+     tokens/s of each and their ratio (the `cpu` preset's goal: evaluation >= 2.5x training);
+  5. the holdout's cost: `evaluate_bpb` as runs call it (validation rows, then the sealed holdout) against the
+     validation rows alone (evaluation before the holdout), interleaved for --rounds rounds, on train_mamba_3_mlx.py's
+     model sized by the active preset (a sized copy, as setup would write it; random weights: the time is the same).
+     Its records go to a temporary file, not the cache's holdout.tsv. `--holdout-only` runs only this part.
 
-Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8] [--rounds 3]`. Needs a prepared cache (`uv run
-prepare_mlx_mamba_3.py`).
+Run: `uv run bench/bench_harness.py [--batches 200] [--batch 8] [--rounds 3] [--holdout-only]`. Needs a prepared
+cache (`uv run prepare_mlx_mamba_3.py`).
 """
 
 import argparse
@@ -34,7 +38,10 @@ def main():
     parser.add_argument("--batches", type=int, default=200, help="dataloader batches to time")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of evaluation against training")
+    parser.add_argument("--holdout-only", action="store_true", help="only the holdout's cost (part 5)")
     args = parser.parse_args()
+    if args.holdout_only:
+        return holdout_cost(args.rounds)
     tokenizer = prepare.Tokenizer.from_directory()
     seq_len = prepare.MAX_SEQ_LEN
 
@@ -70,6 +77,7 @@ def main():
           f"{prepare.EVAL_TOKENS / seconds / 1e3:.0f}K tokens/s (uniform logits, val_bpb {bpb:.4f})")
 
     evaluation_against_training(args.rounds)
+    holdout_cost(args.rounds)
 
 
 def evaluation_against_training(rounds, eval_batches=16):
@@ -99,6 +107,58 @@ def evaluation_against_training(rounds, eval_batches=16):
         print(f"round {r + 1}: training {train_rate:,.0f} tok/s, evaluation {eval_rate:,.0f} tok/s "
               f"({eval_rate / train_rate:.2f}x), {T.ARCHITECTURE} depth {T.DEPTH} d_model {T.D_MODEL}, "
               f"preset {prepare.PRESET_NAME}")
+
+
+def holdout_cost(rounds):
+    import importlib.util
+    import shutil
+    import statistics
+    import tempfile
+
+    work = tempfile.mkdtemp()
+    try:
+        script = shutil.copy(os.path.join(ROOT, "train_mamba_3_mlx.py"), work)
+        prepare.write_constants(script, prepare.PRESET["train_mamba_3_mlx"])
+        spec = importlib.util.spec_from_file_location("sized_train_mamba_3_mlx", script)
+        T = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(T)
+        prepare.HOLDOUT_PATH = os.path.join(work, "holdout.tsv")  # the bench's records stay out of the cache's file
+        mx.random.seed(0)
+        model = T.MambaLM(T.ModelConfig())
+        mx.eval(model.parameters())
+        compiled = mx.compile(model, inputs=model.state)  # as the script passes it
+        val, holdout = prepare.load_val_rows(), prepare.load_holdout_rows()
+        batch = T.DEVICE_BATCH_SIZE
+
+        def validation_only():  # evaluate_bpb before the holdout
+            scoring = prepare._mlx_token_losses(compiled)
+            return prepare._bits_per_byte(val, compiled, scoring, batch, prepare.SINGLE_PROCESS, prepare.ProgressLine())
+
+        ways = {"validation only": validation_only, "with holdout": lambda: prepare.evaluate_bpb(compiled, batch)}
+        times = {name: [] for name in ways}  # (wall, this process's CPU) seconds
+        validation_only()  # warm-up: MLX's kernels, the page cache
+        for r in range(rounds):
+            for name, way in ways.items() if r % 2 == 0 else reversed(ways.items()):
+                start, cpu = time.perf_counter(), time.process_time()
+                way()
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu))
+        records = prepare.read_holdout()
+        assert len(records) == rounds and all(float(r["holdout_bpb"]) > 0 for r in records)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"holdout cost, preset {prepare.PRESET_NAME}, {T.ARCHITECTURE} depth {T.DEPTH} d_model {T.D_MODEL}, batch "
+          f"{batch}: {len(val)} validation rows + {len(holdout)} holdout rows of {prepare.MAX_SEQ_LEN} tokens, "
+          f"{rounds} interleaved rounds (load average {load:.1f})")
+    for clock, k in (("wall", 0), ("CPU", 1)):  # CPU: this process's, less moved by a neighbour's load than wall
+        for name, seconds in times.items():
+            seconds = [s[k] for s in seconds]
+            print(f"  {clock} {name}: {', '.join(f'{s:.2f}' for s in seconds)} s (median "
+                  f"{statistics.median(seconds):.2f})")
+        ratios = [w[k] / v[k] for w, v in zip(times["with holdout"], times["validation only"])]
+        each = ", ".join(f"{x:.3f}" for x in ratios)
+        print(f"  {clock} with / without: median {statistics.median(ratios):.3f}x (per round {each}; rows scored "
+              f"{(len(val) + len(holdout)) / len(val):.3f}x)")
 
 
 if __name__ == "__main__":
