@@ -707,13 +707,18 @@ def warn_if_evaluation_is_long(step_times, tokens_per_step, forward_speedup=2.5)
     (measured 2.5x on the CPU, ~3x by FLOPs)."""
     if len(step_times) != 2:
         return
-    seconds = EVAL_TOKENS / (forward_speedup * tokens_per_step / float(np.median(step_times)))
+    tokens = EVAL_TOKENS + HOLDOUT_ROWS * MAX_SEQ_LEN
+    seconds = tokens / (forward_speedup * tokens_per_step / float(np.median(step_times)))
     if seconds > TIME_BUDGET / 4:
+        chain = ["default", "mac", "local", "cpu"]  # largest first
+        smaller = chain[chain.index(PRESET_NAME) + 1 :] if PRESET_NAME in chain else []
         choice = device_preset()[0]
-        smaller = choice if choice != PRESET_NAME else {"default": "mac", "mac": "local"}.get(PRESET_NAME, "cpu")
-        print(f"\nwarning: evaluation will take about {seconds:.0f}s ({EVAL_TOKENS:,} tokens), more than a quarter of "
-              f"TIME_BUDGET={TIME_BUDGET}s on this machine: a smaller preset fits it better "
-              f"(AUTORESEARCH_MLX_PRESET_FILE={smaller}; `{CALIBRATE_COMMAND}` measures each)", flush=True)
+        advice = (f"a smaller preset fits it better (AUTORESEARCH_MLX_PRESET_FILE="
+                  f"{choice if choice in smaller else smaller[0]})" if smaller else
+                  "no shipped preset is smaller: lower EVAL_TOKENS or the model in a copy of the preset")
+        print(f"\nwarning: evaluation will take about {seconds:.0f}s ({tokens:,} tokens with the holdout), more than "
+              f"a quarter of TIME_BUDGET={TIME_BUDGET}s on this machine: {advice}; `{CALIBRATE_COMMAND}` measures "
+              f"each architecture", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,14 +30,21 @@ def test_machine_speed_against_the_calibrated_probe(monkeypatch, tmp_path):
 
 
 def test_long_evaluation_warns_once_after_the_second_timed_step(monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 100_000)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 80_000)
+    monkeypatch.setattr(prepare, "HOLDOUT_ROWS", 20_000 // prepare.MAX_SEQ_LEN)  # a quarter more, scored after
     monkeypatch.setattr(prepare, "TIME_BUDGET", 100)
+    monkeypatch.setattr(prepare, "PRESET_NAME", "mac")
     prepare.warn_if_evaluation_is_long([1.0], 1000)
     prepare.warn_if_evaluation_is_long([1.0, 1.0, 1.0], 1000)
     assert capsys.readouterr().out == ""
-    prepare.warn_if_evaluation_is_long([1.0, 1.0], 1000)  # 100k tokens at 2.5 x 1k tok/s: 40 s > 25 s
+    prepare.warn_if_evaluation_is_long([1.0, 1.0], 1000)  # ~100k tokens at 2.5 x 1k tok/s: 40 s > 25 s
     out = capsys.readouterr().out
-    assert "warning: evaluation will take about 40s (100,000 tokens)" in out and "AUTORESEARCH_MLX_PRESET_FILE=" in out
+    assert "warning: evaluation will take about 40s (99,968 tokens with the holdout)" in out
+    assert "AUTORESEARCH_MLX_PRESET_FILE=cpu" in out  # smaller than mac, and this machine's own
+    monkeypatch.setattr(prepare, "PRESET_NAME", "cpu")
+    prepare.warn_if_evaluation_is_long([1.0, 1.0], 1000)
+    out = capsys.readouterr().out
+    assert "no shipped preset is smaller" in out and "PRESET_FILE=" not in out  # never one that is not smaller
     monkeypatch.setattr(prepare, "TIME_BUDGET", 200)
     prepare.warn_if_evaluation_is_long([1.0, 1.0], 1000)
     assert capsys.readouterr().out == ""
