@@ -3,12 +3,11 @@ budget, then report val_bpb. The file the agent edits (program.md). Run: `uv run
 
 import gc
 import math
-import os
 import time
 from functools import partial
 from types import SimpleNamespace
 
-t_script_start = time.time()  # total_seconds counts from here (imports included)
+t_script_start = time.time()  # total_seconds counts the imports too
 
 import prepare  # first: loads the fast BLAS before MLX is imported
 
@@ -80,7 +79,7 @@ SEED = 42
 
 
 class HybridConfig(SimpleNamespace):
-    """The constants above, lower-cased (config.d_model is D_MODEL), and vocab_size; keywords override them."""
+    """The constants above, lower-cased (d_model is D_MODEL), and vocab_size; keywords override them."""
 
     def __init__(self, **overrides):
         knobs = {name.lower(): value for name, value in globals().items() if name.isupper()}
@@ -358,7 +357,7 @@ def mimo_gate(y, v, z, D, mimo_z, mimo_o):
     return ((y + D[:, None, None, None] * v) * silu(gate_in) * mimo_o[:, None]).sum(axis=3)
 
 
-lean_backward = (rotate, chunked_scan, mimo_gate)  # the door swaps in gradients that keep only the inputs
+lean_backward = (rotate, chunked_scan, mimo_gate)  # the door swaps in gradients that keep only inputs
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None, MIMO_O=None,
@@ -447,7 +446,7 @@ class Mamba3(nn.Module):
         self.dt_bias = init_dt_bias(h, c)
         self.B_bias, self.C_bias = mx.ones((h, r, n)), mx.ones((h, r, n))
         self.B_norm_weight, self.C_norm_weight = mx.ones((n,)), mx.ones((n,))
-        if c.is_mimo:  # x and z up to the ranks, the outputs down
+        if c.is_mimo:
             ones = mx.ones((h, r, c.headdim))
             self.mimo_x, self.mimo_z, self.mimo_o = ones / r, ones, ones / r
         self.D = mx.ones((h,))
@@ -818,7 +817,7 @@ def main():
     progress_line = prepare.ProgressLine(interval=0)
     run_expert_counts = mx.zeros((len(model.moe_layers()), NUM_EXPERTS), mx.int64)  # stays on the device
     gc.collect()
-    gc.freeze()  # keep the collector's pauses out of the timed loop
+    gc.freeze()  # no collector pauses in the timed loop
     gc.disable()
     prepare.probe_machine_speed(dist)  # outside the budget
 
@@ -886,8 +885,6 @@ def common_checks(g, tokens_per_micro_step):
 
     heads = g["EXPAND"] * g["D_MODEL"] // g["HEADDIM"] if g["HEADDIM"] > 0 else 0
     mamba3 = "mamba-3" in (g.get("ARCHITECTURE"), g.get("MAMBA_TYPE"))
-    export = g.get("EXPORT_UPSTREAM_DIR") or ""
-    parent = os.path.dirname(os.path.abspath(export))
     nonnegative = "CHUNK_SIZE DT_INIT_FLOOR A_FLOOR GRAD_CLIP WEIGHT_DECAY MATRIX_LR EMBEDDING_LR SCALAR_LR"
     return [
         prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
@@ -906,15 +903,13 @@ def common_checks(g, tokens_per_micro_step):
         check("HEADDIM", lambda v: v > 0 and g["EXPAND"] * g["D_MODEL"] % v == 0,
               f"must divide EXPAND * D_MODEL ({g['EXPAND'] * g['D_MODEL']})"),
         check("NGROUPS", lambda v: v > 0 and heads % v == 0, f"must divide the {heads} heads"),
-        ("EXPORT_UPSTREAM_DIR", not export or os.path.isdir(parent) and os.access(parent, os.W_OK),
-         f"must be a folder whose parent exists and is writable, got {export!r}"),
         ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and g["TOTAL_BATCH_SIZE"] % tokens_per_micro_step == 0,
          f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
          f"got {g['TOTAL_BATCH_SIZE']!r}"),
     ]
 
 
-def scan_flops_per_token(mixer):  # forward
+def scan_flops_per_token(mixer):
     if isinstance(mixer, Mamba2):
         Q, n, p = mixer.chunk_size, mixer.d_state, mixer.headdim
         return 2 * Q * n * mixer.ngroups + mixer.nheads * (2 * Q * p + 4 * p * n)
@@ -938,8 +933,8 @@ HAND_WRITTEN_GRADIENTS = []
 
 
 def hand_written_gradient(forward, backward, *example_shapes, domain=None):
-    """forward with the gradient backward(primals, cotangents, outputs), registered for the check with example input
-    shapes (`domain` maps the first into its domain)."""
+    """forward with the gradient backward(primals, cotangents, outputs), checked on inputs of the example shapes
+    (`domain` maps the first)."""
     custom = mx.custom_function(forward)
     custom.vjp(backward)
     HAND_WRITTEN_GRADIENTS.append((forward.__name__, forward, custom, example_shapes, domain or (lambda x: x)))
@@ -1104,7 +1099,7 @@ def _chunked_scan_backward(log_alpha, weight, diag_weight, q, k, v, start_state,
     chunk_states = v_end.swapaxes(-1, -2) @ k
     chunk_decay = from_start[..., -1, None, None]
     entering, final = carry_states(chunk_decay, chunk_states, start_state)
-    # 4. Reading the entering states.
+    # 4. Reading the states.
     dy_entering = dy @ entering
     dq_read = dy_entering * per_row(from_start)
     d_from_start = rank_sum((dy_entering * q).sum(axis=-1))
@@ -1201,7 +1196,7 @@ def checkpoint_block(module, fn):
         weights, x = primals
         names, arrays = zip(*tree_flatten(weights))
         wanted = [i for i, o in enumerate(outputs) if mx.issubdtype(o.dtype, mx.floating)]
-        arrays = mx.depends([*arrays, x], [cotangents[i] for i in wanted])  # recompute when the backward gets here
+        arrays = mx.depends([*arrays, x], [cotangents[i] for i in wanted])  # recompute only then
 
         def differentiable(*arrays):
             outs = forward(tree_unflatten(list(zip(names, arrays[:-1]))), arrays[-1])

@@ -4,11 +4,12 @@ The file the agent edits (program.md). Run: `uv run train_mamba_3_mlx.py`."""
 import gc
 import math
 import os
+import tempfile
 import time
 from functools import partial
 from types import SimpleNamespace
 
-t_script_start = time.time()  # total_seconds counts from here (imports included)
+t_script_start = time.time()  # total_seconds counts the imports too
 
 import prepare  # first: loads the fast BLAS before MLX is imported
 
@@ -64,7 +65,7 @@ EXPORT_UPSTREAM_DIR = ""  # a folder for the model in mamba_ssm's layout
 
 
 class ModelConfig(SimpleNamespace):
-    """The constants above, lower-cased (config.d_model is D_MODEL), and vocab_size; keywords override them."""
+    """The constants above, lower-cased (d_model is D_MODEL), and vocab_size; keywords override them."""
 
     def __init__(self, **overrides):
         knobs = {name.lower(): value for name, value in globals().items() if name.isupper()}
@@ -342,7 +343,7 @@ def mimo_gate(y, v, z, D, mimo_z, mimo_o):
     return ((y + D[:, None, None, None] * v) * silu(gate_in) * mimo_o[:, None]).sum(axis=3)
 
 
-lean_backward = (rotate, chunked_scan, mimo_gate)  # the door swaps in gradients that keep only the inputs
+lean_backward = (rotate, chunked_scan, mimo_gate)  # the door swaps in gradients that keep only inputs
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, MIMO_V=None, MIMO_Z=None, MIMO_O=None,
@@ -431,7 +432,7 @@ class Mamba3(nn.Module):
         self.dt_bias = init_dt_bias(h, c)
         self.B_bias, self.C_bias = mx.ones((h, r, n)), mx.ones((h, r, n))
         self.B_norm_weight, self.C_norm_weight = mx.ones((n,)), mx.ones((n,))
-        if c.is_mimo:  # x and z up to the ranks, the outputs down
+        if c.is_mimo:
             ones = mx.ones((h, r, c.headdim))
             self.mimo_x, self.mimo_z, self.mimo_o = ones / r, ones, ones / r
         self.D = mx.ones((h,))
@@ -623,7 +624,7 @@ def main():
                                            world_size=dist.world_size)
     progress_line = prepare.ProgressLine(interval=0)
     gc.collect()
-    gc.freeze()  # keep the collector's pauses out of the timed loop
+    gc.freeze()  # no collector pauses in the timed loop
     gc.disable()
     prepare.probe_machine_speed(dist)  # outside the budget
 
@@ -686,8 +687,6 @@ def common_checks(g, tokens_per_micro_step):
 
     heads = g["EXPAND"] * g["D_MODEL"] // g["HEADDIM"] if g["HEADDIM"] > 0 else 0
     mamba3 = "mamba-3" in (g.get("ARCHITECTURE"), g.get("MAMBA_TYPE"))
-    export = g.get("EXPORT_UPSTREAM_DIR") or ""
-    parent = os.path.dirname(os.path.abspath(export))
     nonnegative = "CHUNK_SIZE DT_INIT_FLOOR A_FLOOR GRAD_CLIP WEIGHT_DECAY MATRIX_LR EMBEDDING_LR SCALAR_LR"
     return [
         prepare.one_of(g, "COMPUTE_DTYPE", ("auto", "float32", "bfloat16", "float16")),
@@ -706,15 +705,13 @@ def common_checks(g, tokens_per_micro_step):
         check("HEADDIM", lambda v: v > 0 and g["EXPAND"] * g["D_MODEL"] % v == 0,
               f"must divide EXPAND * D_MODEL ({g['EXPAND'] * g['D_MODEL']})"),
         check("NGROUPS", lambda v: v > 0 and heads % v == 0, f"must divide the {heads} heads"),
-        ("EXPORT_UPSTREAM_DIR", not export or os.path.isdir(parent) and os.access(parent, os.W_OK),
-         f"must be a folder whose parent exists and is writable, got {export!r}"),
         ("TOTAL_BATCH_SIZE", tokens_per_micro_step > 0 and g["TOTAL_BATCH_SIZE"] % tokens_per_micro_step == 0,
          f"must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN * processes ({tokens_per_micro_step}), "
          f"got {g['TOTAL_BATCH_SIZE']!r}"),
     ]
 
 
-def scan_flops_per_token(mixer):  # forward
+def scan_flops_per_token(mixer):
     if isinstance(mixer, Mamba2):
         Q, n, p = mixer.chunk_size, mixer.d_state, mixer.headdim
         return 2 * Q * n * mixer.ngroups + mixer.nheads * (2 * Q * p + 4 * p * n)
@@ -738,8 +735,8 @@ HAND_WRITTEN_GRADIENTS = []
 
 
 def hand_written_gradient(forward, backward, *example_shapes, domain=None):
-    """forward with the gradient backward(primals, cotangents, outputs), registered for the check with example input
-    shapes (`domain` maps the first into its domain)."""
+    """forward with the gradient backward(primals, cotangents, outputs), checked on inputs of the example shapes
+    (`domain` maps the first)."""
     custom = mx.custom_function(forward)
     custom.vjp(backward)
     HAND_WRITTEN_GRADIENTS.append((forward.__name__, forward, custom, example_shapes, domain or (lambda x: x)))
@@ -904,7 +901,7 @@ def _chunked_scan_backward(log_alpha, weight, diag_weight, q, k, v, start_state,
     chunk_states = v_end.swapaxes(-1, -2) @ k
     chunk_decay = from_start[..., -1, None, None]
     entering, final = carry_states(chunk_decay, chunk_states, start_state)
-    # 4. Reading the entering states.
+    # 4. Reading the states.
     dy_entering = dy @ entering
     dq_read = dy_entering * per_row(from_start)
     d_from_start = rank_sum((dy_entering * q).sum(axis=-1))
@@ -1001,7 +998,7 @@ def checkpoint_block(module, fn):
         weights, x = primals
         names, arrays = zip(*tree_flatten(weights))
         wanted = [i for i, o in enumerate(outputs) if mx.issubdtype(o.dtype, mx.floating)]
-        arrays = mx.depends([*arrays, x], [cotangents[i] for i in wanted])  # recompute when the backward gets here
+        arrays = mx.depends([*arrays, x], [cotangents[i] for i in wanted])  # recompute only then
 
         def differentiable(*arrays):
             outs = forward(tree_unflatten(list(zip(names, arrays[:-1]))), arrays[-1])
@@ -1026,7 +1023,7 @@ def checkpoint_block(module, fn):
 
 def make_training_step(model, optimizer, grad_accum_steps):
     """step(batches, lr_mult) -> (mean loss, epoch): compiled forward+backward per micro-batch, then update."""
-    loss_and_grad = nn.value_and_grad(model, lambda inputs, targets: cross_entropy(model(inputs), targets))
+    loss_and_grad = nn.value_and_grad(model, lambda x, y: cross_entropy(model(x), y))
     forward_backward = mx.compile(loss_and_grad, inputs=model.state, outputs=model.state)
     state = [model.state, optimizer.state]
 
@@ -1061,10 +1058,20 @@ def check_hyperparameters(tokens_per_micro_step):
     prepare.check_hyperparameters("train_mamba_3_mlx", [
         prepare.one_of(g, "ARCHITECTURE", ("mamba-2", "mamba-3")),
         *prepare.positive(g, "DEPTH"),
-        ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0 (0 = no MLP), got {MLP_EXPAND!r}"),
+        ("MLP_EXPAND", MLP_EXPAND >= 0, f"must be >= 0, got {MLP_EXPAND!r}"),
+        ("EXPORT_UPSTREAM_DIR", not EXPORT_UPSTREAM_DIR or writable_parent(EXPORT_UPSTREAM_DIR),
+         f"must be a folder whose parent exists and is writable, got {EXPORT_UPSTREAM_DIR!r}"),
         *common_checks(g, tokens_per_micro_step),
     ])
     check_hand_written_gradients()
+
+
+def writable_parent(path):
+    try:  # a file: os.access says yes to root
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            return True
+    except OSError:
+        return False
 
 
 def flops_per_token(model):
@@ -1080,8 +1087,7 @@ UPSTREAM_NAMES = {"B_norm_weight": "B_norm.weight", "C_norm_weight": "C_norm.wei
                   "conv.weight": "conv1d.weight", "conv.bias": "conv1d.bias"}
 
 
-def upstream_state(model):
-    """{upstream name: float32 array}."""
+def upstream_state(model):  # {upstream name: float32 array}
     out = {}
     for name, value in tree_flatten(model.parameters()):
         value = value.astype(mx.float32)

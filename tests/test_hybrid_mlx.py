@@ -364,7 +364,8 @@ SUMMARY_KEYS = [
 
 
 def run_script(args):
-    # conftest's environment: the test cache and the smoke preset. The timeout allows for the first run on a fresh machine, which also JIT-compiles MLX's fused CPU kernels.
+    # conftest's environment: the test cache and the smoke preset. The timeout allows for the first run on a fresh
+    # machine, which also JIT-compiles MLX's fused CPU kernels.
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                           timeout=900)
 
