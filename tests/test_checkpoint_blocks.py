@@ -23,7 +23,8 @@ MLX_CASES = {
                                                          checkpoint_blocks=ck)),
     "hybrid": lambda ck: H.HybridLM(H.HybridConfig(
         vocab_size=512, hybrid_pattern="ME*EM", d_model=64, d_state=16, headdim=16, chunk_size=16,
-        num_attention_heads=2, num_kv_heads=1, attn_head_dim=32, num_experts=4, top_k=2, expert_hidden=64, checkpoint_blocks=ck)),
+        num_attention_heads=2, num_kv_heads=1, attn_head_dim=32, num_experts=4, top_k=2, expert_hidden=64,
+        checkpoint_blocks=ck)),
 }
 
 
