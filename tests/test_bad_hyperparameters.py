@@ -34,8 +34,8 @@ CASES = [  # (script, constants edited in a smoke-sized copy, expected text); ev
         ("WARMDOWN_RATIO", -0.5, "in [0, 1]"), ("FINAL_LR_FRAC", 2.0, "in [0, 1]"),
         ("MUON_MOMENTUM", 1.0, "in [0, 1)"), ("ADAM_BETA1", -0.1, "in [0, 1)"), ("ADAM_BETA2", 1.5, "in [0, 1)"),
         ("ADAM_EPS", 0.0, "a positive number"), ("ROPE_FRACTION", 1.5, "in (0, 1]"),
-        ("MIMO_RANK", 0, "a positive number"), ("MLP_EXPAND", -1, ">= 0"), ("NGROUPS", 3, "divide the 8 heads"),
-        ("MUON_NS_STEPS", 0, "a positive number")]],
+        ("MIMO_RANK", 0, "a positive number"), ("MLP_EXPAND", -1, ">= 0"), ("MUON_NS_STEPS", 0, "a positive number")]],
+    ("train_mamba_3_mlx.py", {"NGROUPS": 3}, "NGROUPS must divide the 8 heads, got 3"),
     ("train_mamba_3_mlx.py", {"WARMUP_RATIO": 0.6, "WARMDOWN_RATIO": 0.5},
      "WARMDOWN_RATIO must be <= 1 - WARMUP_RATIO"),
     *[("train_hybrid_moe_mlx.py", {name: value}, f"{name} must be {requirement}") for name, value, requirement in [
