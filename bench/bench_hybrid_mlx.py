@@ -45,9 +45,12 @@ CONFIGS = {
 def make_config(fields, mamba_type, module=H, checkpoint_blocks=None):
     base = dict(mamba_type=mamba_type, vocab_size=prepare.VOCAB_SIZE, expand=2, ngroups=1, chunk_size=64,
                 shared_expert_hidden=0, dense_mlp_hidden=1024, is_mimo=False)
-    if checkpoint_blocks is not None and "checkpoint_blocks" in module.HybridConfig.__dataclass_fields__:
+    old = getattr(module.HybridConfig, "__dataclass_fields__", None)  # scripts before issue 29: a dataclass
+    if checkpoint_blocks is not None and (old is None or "checkpoint_blocks" in old):
         base["checkpoint_blocks"] = bool(checkpoint_blocks)  # scripts before it: always off
     base.update(fields)
+    if old is None and "pattern" in base:  # the config reads the constants: HYBRID_PATTERN is hybrid_pattern
+        base["hybrid_pattern"] = base.pop("pattern")
     return module.HybridConfig(**base)
 
 
@@ -81,20 +84,23 @@ def bench_step(args):
             batches = random_batches(batch, seq_len, prepare.VOCAB_SIZE)
             for _ in range(2):  # compile + one real step
                 step(batches, 1.0)[0].item()
-            runs[name + suffix] = (model, step, batches, batch * seq_len, seq_len, [])
+            flops = module.flops_per_token(model, seq_len) if hasattr(module, "flops_per_token") else \
+                model.flops_per_token(seq_len)  # a method before issue 29
+            runs[name + suffix] = (model, step, batches, batch * seq_len, seq_len, [], flops)
     for _ in range(args.steps):  # interleaved, so a change in the machine's load hits every run alike
-        for model, step, batches, tokens, seq_len, times in runs.values():
+        for model, step, batches, tokens, seq_len, times, _ in runs.values():
             t0 = time.perf_counter()
             step(batches, 1.0)[0].item()
             times.append(time.perf_counter() - t0)
     speed = {}
-    for name, (model, step, batches, tokens, seq_len, times) in runs.items():
+    for name, (model, step, batches, tokens, seq_len, times, flops) in runs.items():
         seconds = float(np.median(times))
         speed[name] = tokens / seconds
-        print(f"{name:13s} {model.config.pattern:8s} {model.num_params() / 1e6:5.2f}M params "
+        pattern = getattr(model.config, "hybrid_pattern", None) or model.config.pattern
+        print(f"{name:13s} {pattern:8s} {model.num_params() / 1e6:5.2f}M params "
               f"({model.num_active_params() / 1e6:5.2f}M active)  {tokens // seq_len} x {seq_len}: "
               f"{tokens / seconds:8.0f} tok/s  {1000 * seconds:7.0f} ms/step  "
-              f"{model.flops_per_token(seq_len) * tokens / seconds / 1e9:5.1f} GFLOP/s model")
+              f"{flops * tokens / seconds / 1e9:5.1f} GFLOP/s model")
     if args.against:
         print(f"this script / {args.against}: " + ", ".join(f"{name} {speed[name] / speed[name + ' base']:.2f}x"
                                                              for name in CONFIGS))
@@ -205,7 +211,7 @@ def main():
     parser.add_argument("--layout-d-model", type=int, default=192, help="d_model of the layouts' layers (cpu preset)")
     args = parser.parse_args()
     blas = os.path.basename(prepare.FAST_BLAS or "bundled")
-    print(f"device: {H.device_name()} ({mx.default_device()}), blas: {blas}")
+    print(f"device: {mx.device_info().get('device_name', '?')} ({mx.default_device()}), blas: {blas}")
     sections = {"step": bench_step, "moe": bench_moe, "layouts": bench_layouts}
     for name in args.only.split(","):
         sections[name.strip()](args)

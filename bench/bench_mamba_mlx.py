@@ -43,7 +43,8 @@ VARIANTS = {  # name -> ModelConfig overrides
 def make_config(args, module=T, **overrides):
     fields = dict(vocab_size=prepare.VOCAB_SIZE, depth=args.depth, d_model=args.d_model, d_state=args.d_state,
                   headdim=args.headdim, expand=2, ngroups=1, chunk_size=args.chunk_size, mlp_expand=0)
-    if "checkpoint_blocks" in module.ModelConfig.__dataclass_fields__:  # scripts before it: always off
+    if "checkpoint_blocks" in getattr(module.ModelConfig, "__dataclass_fields__", {"checkpoint_blocks"}):  # always off
+        # in scripts before it; a script whose ModelConfig reads the constants takes any of them
         fields["checkpoint_blocks"] = bool(args.checkpoint_blocks)
     fields.update(overrides)
     return module.ModelConfig(**fields)
@@ -74,6 +75,7 @@ class TrainingStep:
         in_use = mx.get_active_memory()
         mx.reset_peak_memory()
         self.model = module.MambaLM(config, dtype)
+        self.module = module
         mx.eval(self.model.parameters())
         self.optimizer = (getattr(module, "Optimizer", None) or module.AdamW)(self.model)  # AdamW: before Muon
         self.step = module.make_training_step(self.model, self.optimizer, grad_accum_steps=1)
@@ -116,7 +118,9 @@ def bench_step(args):
     for name, (wall, cpu) in compare(steps, args.steps).items():
         step = steps[name]
         speed[name] = step.tokens / wall
-        model_flops = step.model.flops_per_token() * step.tokens / wall
+        flops = step.module.flops_per_token(step.model) if hasattr(step.module, "flops_per_token") else \
+            step.model.flops_per_token()  # a method in scripts before issue 29
+        model_flops = flops * step.tokens / wall
         print(f"{name:16s} {step.tokens / wall:8.0f} tok/s  {1000 * wall:8.0f} ms/step  "
               f"({step.tokens / cpu:6.0f} tok per CPU-s)  peak {step.peak_mib:7.0f} MiB  "
               f"{model_flops / 1e9:6.1f} GFLOP/s model")
@@ -172,7 +176,7 @@ def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
     args = (Qm, K, V, ADT, DT, Trap)
     if rank == 1:
         def scan(Qm, K, V, ADT, DT, Trap, chunk):
-            return T.mamba3_siso_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, chunk_size=chunk)[0]
+            return T.mamba3_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, chunk_size=chunk)[0]
 
         def step(Qm, K, V, ADT, DT, Trap, t, s):
             return R.mamba3_siso_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
@@ -181,8 +185,8 @@ def scan_inputs(kind, b, l, h, p, n, r=4, a=8):
         mimo = mx.full((h, rank, p), 1.0 / rank)
 
         def scan(Qm, K, V, ADT, DT, Trap, chunk):
-            return T.mamba3_mimo_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, mimo, None, mimo, D,
-                                      chunk_size=chunk)[0]
+            return T.mamba3_scan(Qm, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, MIMO_V=mimo, MIMO_O=mimo,
+                                 chunk_size=chunk)[0]
 
         def step(Qm, K, V, ADT, DT, Trap, t, s):
             return R.mamba3_mimo_step(Qm[:, t], K[:, t], V[:, t], ADT[..., t], DT[..., t], Trap[..., t], Q_bias,
@@ -247,7 +251,7 @@ def main():
     parser.add_argument("--against", default=None, help="another copy of train_mamba_3_mlx.py to compare steps with")
     args = parser.parse_args()
     blas = os.path.basename(prepare.FAST_BLAS or "bundled")
-    print(f"device: {T.device_name()} ({mx.default_device()}), blas: {blas}")
+    print(f"device: {mx.device_info().get('device_name', '?')} ({mx.default_device()}), blas: {blas}")
     sections = {"step": bench_step, "scaling": bench_scaling, "scan": bench_scan, "dtype": bench_dtype}
     for name in args.only.split(","):
         sections[name.strip()](args)

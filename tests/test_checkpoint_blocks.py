@@ -22,8 +22,9 @@ MLX_CASES = {
     "mamba-3 MIMO": lambda ck: T.MambaLM(T.ModelConfig(**SMALL, architecture="mamba-3", is_mimo=True,
                                                          checkpoint_blocks=ck)),
     "hybrid": lambda ck: H.HybridLM(H.HybridConfig(
-        vocab_size=512, pattern="ME*EM", d_model=64, d_state=16, headdim=16, chunk_size=16, num_attention_heads=2,
-        num_kv_heads=1, attn_head_dim=32, num_experts=4, top_k=2, expert_hidden=64, checkpoint_blocks=ck)),
+        vocab_size=512, hybrid_pattern="ME*EM", d_model=64, d_state=16, headdim=16, chunk_size=16,
+        num_attention_heads=2, num_kv_heads=1, attn_head_dim=32, num_experts=4, top_k=2, expert_hidden=64,
+        checkpoint_blocks=ck)),
 }
 
 

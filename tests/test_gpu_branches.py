@@ -30,9 +30,9 @@ CASES = {  # name: (script, config)
     "mamba-3 siso": (T, dict(architecture="mamba-3", depth=2, **MAMBA)),
     "mamba-3 mimo": (T, dict(architecture="mamba-3", depth=2, is_mimo=True, mimo_rank=2, is_outproj_norm=True,
                              **MAMBA)),
-    "hybrid mamba-3": (H, dict(pattern="M*E-M", mamba_type="mamba-3", **MAMBA)),
-    "hybrid mamba-2": (H, dict(pattern="ME*", mamba_type="mamba-2", **MAMBA)),
-    "hybrid mamba-3 mimo": (H, dict(pattern="M*E", mamba_type="mamba-3", is_mimo=True, mimo_rank=2, **MAMBA)),
+    "hybrid mamba-3": (H, dict(hybrid_pattern="M*E-M", mamba_type="mamba-3", **MAMBA)),
+    "hybrid mamba-2": (H, dict(hybrid_pattern="ME*", mamba_type="mamba-2", **MAMBA)),
+    "hybrid mamba-3 mimo": (H, dict(hybrid_pattern="M*E", mamba_type="mamba-3", is_mimo=True, mimo_rank=2, **MAMBA)),
 }
 HYBRID = dict(num_attention_heads=4, num_kv_heads=2, attn_head_dim=8, num_experts=4, top_k=2, expert_hidden=16,
               shared_expert_hidden=8, dense_mlp_hidden=24)

@@ -52,17 +52,19 @@ def test_a_line_inserted_into_one_copy_is_caught():
 
 
 def guarded_functions(text):
-    """Names registered with @hand_written_gradient and names given a .vjp: they must be the same set."""
-    registered = re.findall(r"^@hand_written_gradient\(.*\ndef (\w+)\(", text, flags=re.M)
-    with_vjp = re.findall(r"^(\w+)\.vjp\(\w+\)$", text, flags=re.M)
-    return registered, with_vjp
+    """(forward, backward) of every `name = hand_written_gradient(forward, backward, ...)` line: the forward is what
+    the check holds the backward to (a def of the script)."""
+    return re.findall(r"^\w+ = hand_written_gradient\((?:\s*#[^\n]*)?\s*(\w+), (\w+|lambda)", text, flags=re.M)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_custom_gradient_is_registered_for_the_check(script):
     text = read(script)
-    registered, with_vjp = guarded_functions(text)
-    assert sorted(registered) == sorted(with_vjp) and len(registered) >= 4
+    registered = guarded_functions(text)
+    assert len(registered) >= 8
+    for forward, backward in registered:
+        assert re.search(rf"^def {forward}\(", text, flags=re.M), forward
+        assert backward == "lambda" or re.search(rf"^def {backward}\(", text, flags=re.M), backward
     # only inside the registering decorator, and in checkpoint_block, whose backward is autodiff of its own forward
     # (test_checkpoint_blocks.py compares it with the uncheckpointed gradients)
     assert text.count("mx.custom_function(") == 2
@@ -78,7 +80,7 @@ def bend(text, name):
     return text[:docstring_end] + f"\n    {arg} = {arg} + 0.05 * mx.sin(3 * {arg})" + text[docstring_end:]
 
 
-CASES = [(script, name) for script in SCRIPTS for name in guarded_functions(read(script))[0]]
+CASES = [(script, name) for script in SCRIPTS for name, _ in guarded_functions(read(script))]
 
 
 @pytest.mark.parametrize("script,name", CASES)
@@ -108,7 +110,7 @@ def test_an_unregistered_custom_gradient_stops_the_run_at_start(script, tmp_path
     assert "Traceback" not in result.stderr
 
 
-READING_BUDGETS = {"train_mamba_3_mlx.py": 70_000, "train_hybrid_moe_mlx.py": 70_000, "train_mamba.py": 80_000}
+READING_BUDGETS = {"train_mamba_3_mlx.py": 52_000, "train_hybrid_moe_mlx.py": 50_000, "train_mamba.py": 56_000}
 SPEED_CUT = "# SECTION: Speed machinery"
 
 
@@ -139,17 +141,54 @@ def test_program_md_sends_the_hybrids_agent_past_the_shared_mamba_section():
     assert "In\n   `train_hybrid_moe_mlx.py` skip `SECTION: Mamba` too" in read("program.md")
 
 
-@pytest.mark.parametrize("script", READING_BUDGETS)
-def test_every_call_into_the_machinery_says_so_where_it_is_called(script):
-    """A name the reading uses but the speed section defines is marked on the line that uses it (`# ... speed
-    section`), so a reader of the loop knows where to look without reading further."""
+def names_across_the_cut(text):
+    """Names bound at module level below the speed cut (not also above it: a name the door rebinds is the plain
+    code's own) that the code above the cut uses."""
     import ast
 
-    text = read(script)
     cut_line = text.split(SPEED_CUT)[0].count("\n") + 1
-    below = {node.name for node in ast.parse(text).body
-             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.lineno > cut_line}
-    lines = text.splitlines()
-    unmarked = sorted({(node.id, node.lineno) for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Name)
-                       and node.id in below and node.lineno < cut_line and "speed section" not in lines[node.lineno - 1]})
-    assert not unmarked, f"{script}: calls into the speed section without a word at the call site: {unmarked}"
+    tree = ast.parse(text)
+    bound = {True: set(), False: set()}  # below the cut?
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for target in getattr(node, "targets", []) for t in ast.walk(target) if isinstance(t, ast.Name)]
+        bound[node.lineno > cut_line].update(names)
+    below = bound[True] - bound[False]
+    return sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id in below
+                   and node.lineno < cut_line})
+
+
+@pytest.mark.parametrize("script", READING_BUDGETS)
+def test_at_most_three_names_defined_below_the_speed_cut_are_used_above_it(script):
+    """The speed section replaces what it speeds up in one place (its door); the reading calls into it by at most
+    three names (train_mamba.py: once its rewrite to the same rule has landed)."""
+    across = names_across_the_cut(read(script))
+    assert len(across) <= 3, f"{script}: {len(across)} names defined below the speed cut are used above it: {across}"
+
+
+def test_names_across_the_cut_are_seen():
+    text = "def a():\n    return b() + c\n\n\nc = 1\n" + SPEED_CUT + "\n\ndef b():\n    return 0\n\n\nc = 2\n"
+    assert names_across_the_cut(text) == ["b"]  # c is rebound below, not defined there
+
+
+def prose_bytes(text):
+    """Bytes of comments and docstrings."""
+    import ast
+    import io
+    import tokenize
+
+    comments = sum(len(t.string.encode()) for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                   if t.type == tokenize.COMMENT)
+    docstrings = sum(len(node.body[0].value.value.encode()) for node in ast.walk(ast.parse(text))
+                     if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                     and ast.get_docstring(node, clean=False) is not None)
+    return comments + docstrings
+
+
+@pytest.mark.parametrize("script,budget", [("train_mamba_3_mlx.py", 55_000), ("train_hybrid_moe_mlx.py", 70_000)])
+def test_the_scripts_stay_small_and_their_prose_earns_its_place(script, budget):
+    text = read(script)
+    size = len(text.encode())
+    assert size <= budget, f"{script}: {size:,} bytes (budget {budget:,})"
+    assert prose_bytes(text) <= 0.18 * size, f"{script}: comments and docstrings are {prose_bytes(text) / size:.1%}"
+    assert max(len(line) for line in text.splitlines()) <= 120

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
-    settings = dict(pattern="M*E-M", mamba_type="mamba-3", vocab_size=64, d_model=32, d_state=8, headdim=16,
+    settings = dict(hybrid_pattern="M*E-M", mamba_type="mamba-3", vocab_size=64, d_model=32, d_state=8, headdim=16,
                     chunk_size=4, num_attention_heads=4, num_kv_heads=2, attn_head_dim=8, num_experts=4, top_k=2,
                     expert_hidden=16, shared_expert_hidden=0, dense_mlp_hidden=24)
     settings.update(overrides)
@@ -50,13 +50,13 @@ def test_bad_patterns_are_clear_errors(pattern):
     for kind in "M*E-":
         assert f"'{kind}'" in str(error.value)
     with pytest.raises(ValueError, match="valid characters"):
-        h.HybridLM(tiny_config(pattern=pattern))
+        h.HybridLM(tiny_config(hybrid_pattern=pattern))
 
 
 @pytest.mark.parametrize("pattern", ["M", "*", "ME*EM", "MEM*EME", "*-*E"])
 def test_good_patterns(pattern):
     assert h.validate_pattern(pattern) == pattern
-    model = h.HybridLM(tiny_config(pattern=pattern))
+    model = h.HybridLM(tiny_config(hybrid_pattern=pattern))
     assert "".join(block.kind for block in model.layers) == pattern
 
 
@@ -263,7 +263,7 @@ def test_attention_cached_decode_matches_forward():
 @pytest.mark.parametrize("mamba_type,pattern", [("mamba-3", "M*E-M"), ("mamba-2", "M*E-M"), ("mamba-3", "*E")])
 def test_forward_matches_token_by_token_decode(mamba_type, pattern):
     mx.random.seed(0)
-    model = h.HybridLM(tiny_config(mamba_type=mamba_type, pattern=pattern, shared_expert_hidden=8))
+    model = h.HybridLM(tiny_config(mamba_type=mamba_type, hybrid_pattern=pattern, shared_expert_hidden=8))
     ids = mx.random.randint(0, 64, (2, 11)).astype(mx.int32)
     logits = model(ids)
     assert logits.shape == (2, 11, 64)
@@ -275,7 +275,7 @@ def test_forward_matches_token_by_token_decode(mamba_type, pattern):
 
 def test_mimo_mamba_in_the_hybrid():
     mx.random.seed(0)
-    model = h.HybridLM(tiny_config(pattern="ME*", is_mimo=True, mimo_rank=2))
+    model = h.HybridLM(tiny_config(hybrid_pattern="ME*", is_mimo=True, mimo_rank=2))
     ids = mx.random.randint(0, 64, (1, 7)).astype(mx.int32)
     logits, cache = model(ids), [None] * len(model.layers)
     for t in range(7):
@@ -284,7 +284,7 @@ def test_mimo_mamba_in_the_hybrid():
 
 
 def test_aux_outputs_and_parameter_counts():
-    config = tiny_config(pattern="ME*E", num_experts=4, top_k=2, expert_hidden=16, shared_expert_hidden=8)
+    config = tiny_config(hybrid_pattern="ME*E", num_experts=4, top_k=2, expert_hidden=16, shared_expert_hidden=8)
     model = h.HybridLM(config)
     ids = mx.random.randint(0, 64, (2, 5)).astype(mx.int32)
     logits, balance_loss, counts = model.forward_with_aux(ids)
@@ -296,7 +296,7 @@ def test_aux_outputs_and_parameter_counts():
     assert model.num_params() == total
     assert model.num_active_params() == total - 2 * (4 - 2) * one_expert  # two idle experts in each of two E blocks
     # No E blocks: nothing idle, an empty count matrix.
-    dense = h.HybridLM(tiny_config(pattern="M-*"))
+    dense = h.HybridLM(tiny_config(hybrid_pattern="M-*"))
     assert dense.num_active_params() == dense.num_params()
     assert dense.forward_with_aux(ids)[2].shape == (0, 4)
 
@@ -304,7 +304,7 @@ def test_aux_outputs_and_parameter_counts():
 def test_training_steps_lower_the_loss():
     """A few AdamW steps on one batch through the script's own loss and optimizer: the loss falls, nothing is NaN."""
     mx.random.seed(0)
-    model = h.HybridLM(tiny_config(pattern="ME*E"))
+    model = h.HybridLM(tiny_config(hybrid_pattern="ME*E"))
     optimizer = h.Optimizer(model)
     ids = mx.random.randint(0, 64, (2, 17)).astype(mx.int32)
 
@@ -339,7 +339,7 @@ def test_generate(prepared_cache):
 def test_bfloat16_compute():
     """COMPUTE_DTYPE bfloat16 (the GPU default): float32 logits' neighbourhood, and decode runs in bf16 too."""
     mx.random.seed(0)
-    model = h.HybridLM(tiny_config(pattern="M*E"))
+    model = h.HybridLM(tiny_config(hybrid_pattern="M*E"))
     ids = mx.random.randint(0, 64, (1, 6)).astype(mx.int32)
     full32 = model(ids)
     model.compute_dtype = mx.bfloat16
@@ -364,7 +364,8 @@ SUMMARY_KEYS = [
 
 
 def run_script(args):
-    # conftest's environment: the test cache and the smoke preset. The timeout allows for the first run on a fresh machine, which also JIT-compiles MLX's fused CPU kernels.
+    # conftest's environment: the test cache and the smoke preset. The timeout allows for the first run on a fresh
+    # machine, which also JIT-compiles MLX's fused CPU kernels.
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                           timeout=900)
 

@@ -157,7 +157,7 @@ def test_mamba2_init_matches_upstream_ranges():
     A = -np.exp(np.array(block.A_log))
     assert A.min() >= -16.0 and A.max() <= -1.0
     assert block.in_proj.weight.shape == (2 * 128 + 2 * 16 + 8, 64)  # z | x B C | dt
-    assert T.Mamba2(tiny_config("mamba-2", chunk_size=0)).chunk_size == T.MAMBA2_CHUNK
+    assert T.Mamba2(tiny_config("mamba-2", chunk_size=0)).chunk_size == 32
 
 
 def tiny_config(architecture, **overrides):

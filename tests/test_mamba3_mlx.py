@@ -42,8 +42,12 @@ def random_state(b, h, n, p, a, rank=None, seed=1):
             mx.random.normal((b, h, p)))
 
 
-def scan(inputs, mimo, **kw):
-    return (m.mamba3_mimo_scan if mimo else m.mamba3_siso_scan)(**inputs, **kw)
+def scan(inputs, mimo, lean_backward=False, **kw):
+    """mamba3_scan (MIMO when the inputs hold MIMO_V); lean_backward: the rotate_qk, scan and gate a checkpointed MIMO
+    block takes (the speed section's hand-written gradients)."""
+    assert mimo == ("MIMO_V" in inputs)
+    lean = dict(zip(("rotate_qk", "scan", "gate"), m.lean_backward)) if lean_backward else {}
+    return m.mamba3_scan(**inputs, **kw, **lean)
 
 
 def run_steps(inputs, mimo, state=None):
@@ -253,7 +257,7 @@ def test_hand_written_scan_gradient_matches_autodiff(rank, l, chunk, start):
     cotangents = [R.normal(o.shape) for o in outputs]
 
     def autodiff(log_alpha, weight, diag_weight, q, k, v, start_state):
-        return m.chunked_scan(q, k, v, log_alpha, weight, diag_weight, start_state)
+        return m.chunked_scan(log_alpha, weight, diag_weight, q, k, v, start_state)
 
     _, by_hand = mx.vjp(m.gated_chunked_scan, inputs, cotangents)
     _, ref = mx.vjp(autodiff, inputs, cotangents)

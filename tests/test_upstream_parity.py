@@ -85,7 +85,7 @@ def mlx_model(cfg, upstream):
 
 
 def hybrid_model(cfg, upstream):
-    fields = dict(our_fields(cfg), pattern="M" * cfg["n_layer"],
+    fields = dict(our_fields(cfg), hybrid_pattern="M" * cfg["n_layer"],
                   mamba_type="mamba-3" if cfg["ssm_cfg"]["layer"] == "Mamba3" else "mamba-2")
     model = H.HybridLM(H.HybridConfig(**fields))
     weights = U.hybrid_from_upstream(numpy_state(upstream), vocab_size=cfg["vocab_size"])
@@ -192,7 +192,7 @@ def test_mlx_checkpointed_mimo_matches_upstream(name):
     model = mlx_model(cfg, upstream)
     model.config.checkpoint_blocks = True
     for layer in model.layers:
-        layer.mixer.lean_backward = True
+        layer.mixer.rotate_qk, layer.mixer.scan, layer.mixer.gate = T.lean_backward
     assert_close(model(mx.array(ids)), want, f"{name}: checkpointed MLX logits")
 
 
