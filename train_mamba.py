@@ -897,10 +897,6 @@ def choose_scan_backend(config, device):
     return f"mamba_ssm.{name}"
 
 
-mamba3_mimo_scan = mamba3_scan  # for tests/test_upstream_parity.py
-make_optimizer = Optimizer  # for tests/distributed_worker.py
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompt, max_new_tokens=64, temperature=1.0):
     """A sampled continuation of `prompt`, a token at a time from the carried states."""

@@ -65,7 +65,7 @@ def train_torch(dist, tokenizer, loader, grad_accum):
     model = tm.MambaLM(tm.ModelConfig(architecture="mamba-3", vocab_size=tokenizer.get_vocab_size(), **MODEL))
     cpu = torch.device("cpu")
     val_bpb = prepare.evaluate_bpb(model, EVAL_BATCH, dist)
-    step = tm.make_training_step(model, tm.make_optimizer(model, cpu), grad_accum, cpu, compile_model=False,
+    step = tm.make_training_step(model, tm.Optimizer(model, cpu), grad_accum, cpu, compile_model=False,
                                  data_parallel=dist.world_size > 1)
     losses = []
     for i in range(STEPS):

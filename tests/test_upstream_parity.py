@@ -327,7 +327,7 @@ def test_fused_mimo_wrapper_matches_the_pure_scan(fake_mimo_kernel, rope_fractio
     fused, name = tm._fused_candidates()["mimo"]
     assert name == "mamba3_mimo"
     problem = tm._random_scan_problem("mimo", config, 2, 20, torch.device("cpu"), torch.float32)
-    ok, detail = tm.fused_matches_pure(fused, tm.mamba3_mimo_scan, problem, config.tokens_per_chunk, tolerance=1e-4)
+    ok, detail = tm.fused_matches_pure(fused, tm.mamba3_scan, problem, config.tokens_per_chunk, tolerance=1e-4)
     assert ok, detail
     assert fake_mimo_kernel["calls"] == 1
 

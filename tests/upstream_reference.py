@@ -220,7 +220,8 @@ def mamba3_mixer_step(w, cfg, u, state, pairing=None):
 
 def mamba2_mixer_step(w, cfg, u, state):
     """Upstream `Mamba2.step` (its pure-PyTorch path: rolled conv window, then the discretised SSM step) on one token;
-    heads of a group share B and C (head = group * h/g + j, as the chunked kernels). state (conv (b C K), S (b h p n))."""
+    heads of a group share B and C (head = group * h/g + j, as the chunked kernels).
+    state (conv (b C K), S (b h p n))."""
     z_ = mixer_sizes(cfg)
     d_inner, h, p, n, g = (z_[k] for k in ("d_inner", "h", "p", "n", "g"))
     b = u.shape[0]
@@ -268,7 +269,8 @@ def lm_step(state, cfg, token_ids, cache, pairing=None):
             y, layer_state = mamba2_mixer_step(w, cfg, hidden, layer_state)
         x = x + y  # residual in float (residual_in_fp32); fused_add_norm only fuses this add with the next norm
         if cfg["d_intermediate"] > 0:
-            h_mlp, gate = (rms_norm(x, state[prefix + "norm2.weight"]) @ state[prefix + "mlp.fc1.weight"].T).chunk(2, -1)
+            normed = rms_norm(x, state[prefix + "norm2.weight"])
+            h_mlp, gate = (normed @ state[prefix + "mlp.fc1.weight"].T).chunk(2, -1)
             x = x + (h_mlp * F.silu(gate)) @ state[prefix + "mlp.fc2.weight"].T
         new_cache.append(layer_state)
     return rms_norm(x, state["backbone.norm_f.weight"]) @ state["lm_head.weight"].T, new_cache
