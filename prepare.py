@@ -1063,7 +1063,7 @@ def machine_speed():
         except OSError as e:  # a read-only or full cache: the summary still comes
             note = f"; reference not saved: {e.strerror or e}"
     speeds = reference / times
-    speed = float(speeds.mean())
+    speed = round(float(speeds.mean()), 2)  # the value the summary shows is the value the warning and the log use
     value = (f"{speed:.2f} ({len(times)} probes over the training time, slowest {speeds.min():.2f}; reference "
              f"{1000 * reference:.1f} ms{note})")
     if speed < SLOW_MACHINE:
@@ -1594,6 +1594,13 @@ def describe_decision(rows, decision):
         mean = f"mean {fmt(decision['mean'])} of {len(decision['runs'])} counted run(s)"
     out.append(f"latest: {decision['commit']} ({mean})")
     out.append(f"verdict: {decision['verdict']} ({decision['reason']})")
+    finals = {kind: [adjusted(r, decision["slope"]) for r in rows if counted(r) and r.description == f"final: {kind}"]
+              for kind in ("baseline", "best")}
+    if finals["baseline"] and finals["best"] and decision["noise"] is not None:
+        a, b = finals["baseline"], finals["best"]
+        spread = decision["noise"] * math.sqrt(1 / len(a) + 1 / len(b))
+        out.append(f"confirmed: final baseline {np.mean(a):.6f} ({len(a)} runs) -> final best {np.mean(b):.6f} "
+                   f"({len(b)} runs): {np.mean(b) - np.mean(a):+.6f} +- {spread:.6f}")
     experiments = experiments_since_drift_check(rows)
     out.append(f"experiments since the last drift check: {experiments}"
                + (" (due: run the tip unchanged, logged `drift check`)" if experiments >= 10 else ""))

@@ -161,3 +161,16 @@ def test_drift_checks_are_due_every_ten_experiments():
     assert prepare.experiments_since_drift_check(rows) == 10
     rows.append(prepare.Result("cand009", 2.0, 1.0, 100, 1.0, "rerun", "drift check"))
     assert prepare.experiments_since_drift_check(rows) == 0
+
+
+def test_the_nights_end_prints_the_confirmed_gain(tmp_path):
+    finals = ["b2c3d4e\t1.401000\t1.2\t150\t0.98\tkeep\tMATRIX_LR 0.006 -> 0.004",
+              "a1b2c3d\t1.412000\t1.2\t150\t1.00\trerun\tfinal: baseline",
+              "b2c3d4e\t1.402000\t1.2\t150\t1.00\trerun\tfinal: best",
+              "a1b2c3d\t1.413000\t1.2\t150\t1.00\trerun\tfinal: baseline",
+              "b2c3d4e\t1.400000\t1.2\t150\t1.00\trerun\tfinal: best"]
+    (tmp_path / "results.tsv").write_text("\n".join([HEADER, *BASELINE, *finals]) + "\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "decide"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("confirmed: "))
+    assert line.startswith("confirmed: final baseline 1.412500 (2 runs) -> final best 1.401000 (2 runs): -0.011500 +- ")

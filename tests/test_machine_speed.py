@@ -60,6 +60,15 @@ def test_the_mean_over_the_training_time_decides_not_a_moment(cache, monkeypatch
     assert warning.startswith("warning: the machine ran 33% slower")
 
 
+def test_the_warning_uses_the_speed_the_summary_shows(cache, monkeypatch):
+    """What `uv run prepare.py log` reads (0.90, counted) is what decided the warning (none)."""
+    prepare.set_probe_reference(KEY, 0.100)
+    value, warning = run_probes(monkeypatch, 0.100, 0.12538)  # mean speed 0.8988
+    assert value.startswith("0.90 ") and warning is None
+    value, warning = run_probes(monkeypatch, 0.100, 0.12821)  # 0.8900
+    assert value.startswith("0.89 ") and warning.startswith("warning:")
+
+
 def test_a_run_never_moves_the_reference(cache, monkeypatch):
     """One yardstick a night: a faster run says so in a note and leaves the reference, so earlier runs keep theirs."""
     prepare.set_probe_reference(KEY, 0.100)
