@@ -1393,9 +1393,13 @@ def read_results(path="results.tsv"):
     return rows
 
 
+BUDGET_FAILED = " (budget_check failed)"  # log_run's mark on a run that read data outside its timed steps
+
+
 def counted(row):
-    """A run the arithmetic uses: not a crash, and not one the machine slowed (its `warning:`)."""
-    return row.status != "crash" and (row.machine_speed is None or row.machine_speed >= SLOW_MACHINE)
+    """A run the arithmetic uses: not a crash, not one that failed budget_check, not one the machine slowed."""
+    return (row.status != "crash" and not row.description.endswith(BUDGET_FAILED)
+            and (row.machine_speed is None or row.machine_speed >= SLOW_MACHINE))
 
 
 def speed_slope(rows):
@@ -1535,16 +1539,16 @@ def log_run(log_path, description, path="results.tsv", commit=None):
                   int(summary["num_steps"]), float(speed) if speed not in ("", "n/a") else None)
         status = ("keep" if not rows else "discard") if first else "rerun"
         if summary.get("budget_check", "ok") != "ok":
-            status, description = ("discard" if first else "rerun"), f"{description} (budget_check failed)"
+            status, description = ("discard" if first else "rerun"), description + BUDGET_FAILED
     if not description:
         description = f"rerun of {next(r for r in rows if r.commit == commit).description}"
     row = Result(commit, *values, status, description)
     rows.append(row)
     decision = keep_rule(rows)
-    if decision["verdict"] in ("keep", "discard") and not row.description.endswith("(budget_check failed)"):
+    if decision["verdict"] in ("keep", "discard") and not row.description.endswith(BUDGET_FAILED):
         rows = [r._replace(status=decision["verdict"]) if r.commit == commit and r.status in ("keep", "discard")
                 else r for r in rows]
-    elif row.description.endswith("(budget_check failed)"):
+    elif row.description.endswith(BUDGET_FAILED):
         decision = {**decision, "verdict": "discard", "reason": "budget_check failed: never a win"}
 
     def write(f):

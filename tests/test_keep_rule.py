@@ -118,6 +118,7 @@ def test_log_run_appends_decides_and_writes_the_status(tmp_path):
     assert rows[2].description == "rerun of baseline" and rows[3].memory_gb == 1.2 and rows[3].machine_speed == 1.0
     assert log(1.300000, "a cheat", "d4e5f6a", budget="FAIL: the loader served 8,192 ...")["verdict"] == "discard"
     assert prepare.read_results(str(results))[-1].description == "a cheat (budget_check failed)"
+    assert not prepare.counted(prepare.read_results(str(results))[-1])  # never in noise or best
     crash_log = tmp_path / "run.log"
     crash_log.write_text("Traceback (most recent call last):\n  ...\nValueError: shapes\n")
     assert prepare.log_run(str(crash_log), "D_MODEL 4096", str(results), commit="e5f6a7b")["verdict"] == "crash"
