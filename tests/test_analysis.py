@@ -197,6 +197,38 @@ def test_every_rerun_is_drawn_as_what_it_is_and_best_never_climbs_on_a_candidate
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+# The first 18 rows of the night results.tsv ships (commit, val_bpb, num_steps, machine_speed, status): the keep
+# rule's speed slope appears at the third candidate's rerun and changes with later ones.
+SLOPED = [
+    ("e4cbe6e", "2.116841", "176", "1.06", "keep"), ("e4cbe6e", "2.087290", "192", "1.05", "rerun"),
+    ("e4cbe6e", "2.107307", "181", "1.00", "rerun"), ("3e58d7f", "2.098877", "353", "1.06", "discard"),
+    ("3e58d7f", "2.082882", "377", "1.13", "rerun"), ("5451cbb", "2.221789", "132", "1.07", "discard"),
+    ("1ff86ff", "2.110700", "179", "1.07", "discard"), ("03725cf", "2.094857", "197", "1.10", "discard"),
+    ("03725cf", "2.114105", "184", "1.03", "rerun"), ("e7e7f73", "2.161217", "151", "1.02", "discard"),
+    ("105586c", "2.098655", "185", "1.03", "discard"), ("105586c", "2.085665", "193", "1.05", "rerun"),
+    ("62e4d66", "2.045936", "261", "1.09", "keep"), ("4b43646", "2.046244", "294", "0.99", "discard"),
+    ("4b43646", "2.029896", "315", "1.11", "rerun"), ("feec7ca", "2.067775", "475", "1.00", "discard"),
+    ("66d450a", "2.040198", "274", "1.07", "discard"), ("66d450a", "2.023116", "293", "1.11", "rerun"),
+]
+
+
+def test_the_running_best_moves_only_with_best_when_the_speed_slope_changes(tmp_path, monkeypatch):
+    """With the slope the rule had at each row, the line climbed at a candidate's rerun (row 11 of the shipped night):
+    it must move only where best or best's runs change, and end at best's mean by the whole log's slope."""
+    log = tsv([(c, v, "0.7", n, m, s, "baseline" if i == 0 else f"change {c}") for i, (c, v, n, m, s) in
+               enumerate(SLOPED)])
+    text, _ = run_notebook(tmp_path, log, monkeypatch, extra_cell=(
+        "print('running best:', [round(b, 9) for b in running_best(results[0])])"))
+    line = re.search(r"^running best: \[(.*)\]$", text, re.M).group(1)
+    best = [float(x) for x in line.split(", ")]
+    rows = prepare.read_results(str(tmp_path / "results.tsv"))
+    decision = prepare.keep_rule(rows)
+    assert decision["slope"] is not None and decision["best"] == "62e4d66"
+    moved = [i for i in range(1, len(best)) if abs(best[i] - best[i - 1]) > 1e-9]
+    assert moved == [1, 2, 12], best  # the baseline's two reruns, then the keep: no candidate's rerun moves it
+    assert abs(best[-1] - decision["best_mean"]) < 1e-8 and len(decision["best_runs"]) == 1, best
+
+
 def test_the_nights_gain_its_noise_the_confirmed_gain_and_the_holdout_beside_them(tmp_path, monkeypatch):
     log, holdout = night_files()
     text, _ = run_notebook(tmp_path, log, monkeypatch, holdout=holdout)
@@ -254,20 +286,27 @@ def test_run_logs_overlay_loss_curves(tmp_path, monkeypatch, smoke_run):
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
 
 
-def test_the_shipped_example_walk_is_a_real_log_the_notebook_plots(tmp_path, monkeypatch):
-    """results.tsv on main is a real walk (bench/RESULTS.md says how it was run): at least 8 rows with a keep,
-    discards and reruns, every commit's first row its decision and later rows reruns, and the notebook plots it."""
+def test_the_shipped_night_is_a_real_log_the_notebook_plots(tmp_path, monkeypatch):
+    """results.tsv on main is a real night (bench/RESULTS.md says how it was run): at least 20 rows with every
+    column, every commit's first row its decision and later rows reruns, ending in program.md's interleaved final
+    reruns of baseline and best; the notebook plots it and reports the confirmed gain."""
     with open(os.path.join(ROOT, "results.tsv")) as f:
         log_text = f.read()
+    assert log_text.splitlines()[0].split("\t") == list(prepare.RESULTS_COLUMNS)
     rows = prepare.read_results(os.path.join(ROOT, "results.tsv"))
-    assert len(rows) >= 8 and {"keep", "discard", "rerun"} <= {row.status for row in rows}
+    assert len(rows) >= 20 and {"keep", "discard", "rerun"} <= {row.status for row in rows}
     seen = set()
     for row in rows:
         assert (row.status == "rerun") == (row.commit in seen) and 1.0 < row.val_bpb < 10.0, row
+        assert row.status == "crash" or (row.num_steps > 0 and row.machine_speed > 0), row
         seen.add(row.commit)
+    finals = [row.description for row in rows[-4:]]
+    assert finals == ["final: baseline", "final: best"] * 2, finals
+    assert rows[-4].commit == rows[0].commit and rows[-3].commit == rows[-1].commit != rows[0].commit
     text, png = run_notebook(tmp_path, log_text, monkeypatch)
     keeps = sum(row.status == "keep" for row in rows)
-    assert f"keep: {keeps}" in text and png.stat().st_size > 10_000
+    assert f"keep: {keeps}" in text and "confirmed gain (the final: rows, interleaved)" in text
+    assert png.stat().st_size > 10_000
 
 
 # The issue's cheat, as a careless or too-clever agent would write it: the training loader still serves (and is
