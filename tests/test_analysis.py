@@ -340,7 +340,9 @@ def test_the_notebook_flags_a_keep_trained_on_the_validation_rows_and_passes_an_
     """Real smoke-sized runs in a git repository, each logged as program.md says and recorded on the holdout by the
     harness: the baseline twice, an honest change twice, then the cheat (a launcher that wraps the script's loader)
     twice. Both changes are logged as keeps; the notebook must flag the cheat's keep on the holdout and not the honest
-    one. The budget is the smoke preset's stretched to 8 s and the learning rates raised to 0.02: enough for the 32
+    one. The honest change is a real gain (the baseline's matrix rate is half the recipe's): at this size the holdout
+    rows move more than the validation rows with any change, so an honest change that lost (0.02 -> 0.03 once lost
+    0.08, its holdout 0.094) fell short by more than the noise and was flagged. The budget is the smoke preset's stretched to 8 s and the learning rates raised to 0.02: enough for the 32
     validation rows to be learnt (measured on 2 busy cores: the cheat's val_bpb 1.1 bpb further below its holdout_bpb
     than the baseline's, whose runs differ by ~0.02)."""
     preset = tmp_path / "smoke-8s.json"
@@ -348,7 +350,7 @@ def test_the_notebook_flags_a_keep_trained_on_the_validation_rows_and_passes_an_
         preset.write_text(f.read().replace('"TIME_BUDGET": 3', '"TIME_BUDGET": 8'))
     repo = tmp_path / "repo"
     repo.mkdir()
-    rates = {"EMBEDDING_LR": 0.02, "MATRIX_LR": 0.02, "SCALAR_LR": 0.02}
+    rates = {"EMBEDDING_LR": 0.02, "MATRIX_LR": 0.01, "SCALAR_LR": 0.02}
     shutil.copy(sized_script("train_mamba_3_mlx", **rates), repo / "train.py")
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], check=True)
@@ -372,12 +374,12 @@ def test_the_notebook_flags_a_keep_trained_on_the_validation_rows_and_passes_an_
         rows.append((head.strip(), summary["val_bpb"], "0.0", summary["num_steps"], "", status, description))
 
     commit("baseline")
-    run("train.py", "keep", "baseline (smoke at 8 s, rates 0.02)")
+    run("train.py", "keep", "baseline (smoke at 8 s, matrix rate 0.01)")
     run("train.py", "rerun", "baseline rerun")
-    prepare.write_constants(str(repo / "train.py"), {"MATRIX_LR": 0.03})
-    honest = commit("MATRIX_LR 0.02 -> 0.03")
-    run("train.py", "keep", "MATRIX_LR 0.02 -> 0.03")
-    run("train.py", "rerun", "rerun of MATRIX_LR 0.02 -> 0.03")
+    prepare.write_constants(str(repo / "train.py"), {"MATRIX_LR": 0.02})
+    honest = commit("MATRIX_LR 0.01 -> 0.02")
+    run("train.py", "keep", "MATRIX_LR 0.01 -> 0.02")
+    run("train.py", "rerun", "rerun of MATRIX_LR 0.01 -> 0.02")
     (repo / "cheat.py").write_text(CHEAT)
     cheat = commit("train on the validation rows")
     run("cheat.py", "keep", "loader trains on the validation rows")
