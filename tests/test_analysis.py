@@ -340,9 +340,10 @@ def test_the_notebook_flags_a_keep_trained_on_the_validation_rows_and_passes_an_
     """Real smoke-sized runs in a git repository, each logged as program.md says and recorded on the holdout by the
     harness: the baseline twice, an honest change twice, then the cheat (a launcher that wraps the script's loader)
     twice. Both changes are logged as keeps; the notebook must flag the cheat's keep on the holdout and not the honest
-    one. The honest change is a real gain (the baseline's matrix rate is half the recipe's): at this size the holdout
-    rows move more than the validation rows with any change, so an honest change that lost (0.02 -> 0.03 once lost
-    0.08, its holdout 0.094) fell short by more than the noise and was flagged. The budget is the smoke preset's stretched to 8 s and the learning rates raised to 0.02: enough for the 32
+    one. The honest change (matrix rate 0.01 -> 0.02) moves val_bpb by about the runs' noise here (measured +0.006,
+    -0.026; its holdout +0.042, +0.001); 0.02 -> 0.03 lost 0.08 in one CI run, its holdout 0.094, and that honest
+    loss was flagged: at this size the flag can fall on a large honest change. The budget is the smoke preset's
+    stretched to 8 s and the learning rates raised to 0.02 (matrix: 0.01, then 0.02): enough for the 32
     validation rows to be learnt (measured on 2 busy cores: the cheat's val_bpb 1.1 bpb further below its holdout_bpb
     than the baseline's, whose runs differ by ~0.02)."""
     preset = tmp_path / "smoke-8s.json"
